@@ -1,0 +1,78 @@
+"""
+The admin listener's resources: C{/health} (and, as they arrive, metrics,
+stats and the dashboard).
+
+The admin listener is separate from client traffic and binds to
+127.0.0.1 by default: nothing here is meant for the public.
+"""
+
+from __future__ import annotations
+
+import json
+
+from twisted.web import server
+from twisted.web.resource import Resource
+
+from gateway.state import Gateway
+
+
+def json_response(request: server.Request, status: int, payload) -> bytes:
+    """Set C{status} and JSON headers on C{request}; return the body."""
+    body = json.dumps(payload, indent=None, sort_keys=True).encode("utf-8") + b"\n"
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Cache-Control", b"no-store")
+    return body
+
+
+class HealthResource(Resource):
+    """
+    C{GET /health}: 200 C{{"status": "ok", ...}} while the gateway serves.
+    """
+
+    isLeaf = True
+
+    def __init__(self, gateway: Gateway) -> None:
+        super().__init__()
+        self._gateway = gateway
+
+    def render_GET(self, request: server.Request) -> bytes:
+        snapshot = self._gateway.snapshot
+        return json_response(
+            request,
+            200,
+            {
+                "status": "ok",
+                "config": snapshot.config.source,
+                "routes": len(snapshot.config.routes),
+                "services": len(snapshot.config.services),
+            },
+        )
+
+
+class AdminRoot(Resource):
+    """The admin listener's root: its children are the admin endpoints."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        super().__init__()
+        self.gateway = gateway
+        self.putChild(b"health", HealthResource(gateway))
+
+    def render_GET(self, request: server.Request) -> bytes:
+        return json_response(
+            request, 200, {"endpoints": sorted(k.decode() for k in self.children)}
+        )
+
+
+class AdminSite(server.Site):
+    """The site of the admin listener; it keeps no access log."""
+
+    noisy = False
+
+    def log(self, request) -> None:
+        pass
+
+
+def admin_site(gateway: Gateway) -> AdminSite:
+    """The site for the admin listener."""
+    return AdminSite(AdminRoot(gateway))

@@ -1,0 +1,169 @@
+"""
+A small HTTP backend for the demo, the tests and the benchmarks.
+
+Run C{python -m gateway.demo_backend --port 9001 --name a}; it prints
+C{listening on PORT} once it accepts connections (C{--port 0} picks a free
+port). It answers every path with a JSON echo of the request, except:
+
+  - C{/status/NNN}: answers with status NNN.
+  - C{/slow?delay=S}: answers after S seconds.
+  - C{/large?bytes=N}: streams N bytes (a fixed pattern) with Content-Length.
+  - C{/chunked?bytes=N}: the same, chunked (no Content-Length).
+  - C{/cookies}: sets three cookies (three C{Set-Cookie} fields).
+  - C{/hopbyhop}: sends hop-by-hop fields that a proxy must drop.
+  - C{/hang}: never answers.
+  - C{/drop}: closes the connection without answering.
+  - C{/truncate}: promises 1000 bytes, sends 10 and closes.
+  - C{/_stats}: JSON counts of requests served, in flight, and abandoned
+    by the client (or the gateway) before the answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+
+from twisted.internet.interfaces import IPullProducer
+from twisted.web import server
+from twisted.web.resource import Resource
+from zope.interface import implementer
+
+PATTERN = bytes(range(256)) * 256  # 64 KiB
+
+
+def pattern_bytes(n: int) -> bytes:
+    """The first C{n} bytes of what C{/large?bytes=n} streams."""
+    full, rest = divmod(n, len(PATTERN))
+    return PATTERN * full + PATTERN[:rest]
+
+
+@implementer(IPullProducer)
+class _PatternProducer:
+    def __init__(self, request: server.Request, remaining: int) -> None:
+        self.request = request
+        self.remaining = remaining
+
+    def resumeProducing(self) -> None:
+        if self.remaining <= 0:
+            self.request.unregisterProducer()
+            self.request.finish()
+            return
+        chunk = PATTERN[: min(len(PATTERN), self.remaining)]
+        self.remaining -= len(chunk)
+        self.request.write(chunk)
+
+    def stopProducing(self) -> None:
+        self.remaining = 0
+
+
+class Echo(Resource):
+    isLeaf = True
+
+    def __init__(self, name: str, reactor) -> None:
+        super().__init__()
+        self.name = name
+        self.reactor = reactor
+        self.stats = {"requests": 0, "in_flight": 0, "abandoned": 0}
+
+    def _track(self, result, request):
+        self.stats["in_flight"] -= 1
+        if not request.finished:
+            self.stats["abandoned"] += 1
+        return None
+
+    def render(self, request: server.Request):
+        path = request.path
+        if path == b"/_stats":
+            request.setHeader(b"Content-Type", b"application/json")
+            return json.dumps(self.stats).encode()
+        self.stats["requests"] += 1
+        self.stats["in_flight"] += 1
+        request.notifyFinish().addBoth(self._track, request)
+        request.setHeader(b"X-Backend", self.name.encode())
+        if path.startswith(b"/status/"):
+            code = int(path.split(b"/")[2])
+            request.setResponseCode(code)
+            if code in (204, 304):
+                return b""
+            return self.echo(request)
+        if path == b"/slow":
+            delay = float(request.args.get(b"delay", [b"1"])[0])
+            call = self.reactor.callLater(delay, self._late, request)
+            request.notifyFinish().addErrback(lambda _: call.active() and call.cancel())
+            return server.NOT_DONE_YET
+        if path in (b"/large", b"/chunked"):
+            n = int(request.args.get(b"bytes", [b"1048576"])[0])
+            request.setHeader(b"Content-Type", b"application/octet-stream")
+            if path == b"/large":
+                request.setHeader(b"Content-Length", b"%d" % n)
+            if request.method == b"HEAD":
+                return b""
+            request.registerProducer(_PatternProducer(request, n), False)
+            return server.NOT_DONE_YET
+        if path == b"/cookies":
+            for i in range(3):
+                request.responseHeaders.addRawHeader(b"Set-Cookie", b"c%d=v%d; Path=/" % (i, i))
+            return self.echo(request)
+        if path == b"/hopbyhop":
+            request.setHeader(b"Connection", b"X-Secret-Hop")
+            request.setHeader(b"X-Secret-Hop", b"1")
+            request.setHeader(b"Keep-Alive", b"timeout=5")
+            request.setHeader(b"Proxy-Authenticate", b"Basic")
+            request.setHeader(b"X-End-To-End", b"kept")
+            return self.echo(request)
+        if path == b"/hang":
+            return server.NOT_DONE_YET
+        if path == b"/drop":
+            request.channel.transport.abortConnection()
+            return server.NOT_DONE_YET
+        if path == b"/truncate":
+            request.setHeader(b"Content-Length", b"1000")
+            request.write(b"0123456789")
+            request.channel.transport.loseConnection()
+            return server.NOT_DONE_YET
+        return self.echo(request)
+
+    def _late(self, request: server.Request) -> None:
+        request.write(self.echo(request))
+        request.finish()
+
+    def echo(self, request: server.Request) -> bytes:
+        body = request.content.read() if request.content is not None else b""
+        request.setHeader(b"Content-Type", b"application/json")
+        return json.dumps(
+            {
+                "backend": self.name,
+                "method": request.method.decode(),
+                "uri": request.uri.decode("latin-1"),
+                "headers": [
+                    [k.decode("latin-1"), v.decode("latin-1")]
+                    for k, vs in request.requestHeaders.getAllRawHeaders()
+                    for v in vs
+                ],
+                "body_length": len(body),
+                "body_sha256": hashlib.sha256(body).hexdigest(),
+            }
+        ).encode() + b"\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--interface", default="127.0.0.1")
+    parser.add_argument("--name", default="backend")
+    args = parser.parse_args(argv)
+
+    from twisted.internet import reactor
+
+    site = server.Site(Echo(args.name, reactor))
+    site.noisy = False
+    site.log = lambda request: None
+    port = reactor.listenTCP(args.port, site, backlog=1024, interface=args.interface)
+    print(f"listening on {port.getHost().port}", flush=True)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,429 @@
+"""
+Forwarding: sending a request to a backend and streaming its response back.
+
+The forwarder speaks to backends with L{twisted.web.client.Agent} over an
+L{HTTPConnectionPool} of its own, one per service. It does not use treq's
+C{HTTPClient} here: that wraps its agent in a C{ContentDecoderAgent}, which
+adds C{Accept-Encoding: gzip} and silently decompresses responses, and it
+re-parses every URL; a proxy must pass bodies and encodings through as they
+are. Redirects are never followed and no cookie jar is kept: each client's
+cookies go to the backend and back untouched.
+
+Header rules follow RFC 9110 §7.6: hop-by-hop fields (§7.6.1: C{Connection}
+and the fields it names, C{Keep-Alive}, C{Proxy-Connection}, C{TE},
+C{Trailer}, C{Transfer-Encoding}, C{Upgrade}, C{Proxy-Authorization},
+C{Proxy-Authenticate}) are dropped both ways, C{Via} is added (§7.6.3), and
+the client is appended to C{X-Forwarded-For}.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Optional
+
+from twisted.internet import error as ierror
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from twisted.web._newclient import HTTPClientParser
+from zope.interface import implementer
+
+from gateway.config import Backend, Service
+
+#: Hop-by-hop header names, lower-case (RFC 9110 §7.6.1; C{Keep-Alive} and
+#: C{Proxy-Connection} are the non-standard ones seen in the wild).
+HOP_BY_HOP = frozenset(
+    [
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+    ]
+)
+
+#: Request headers the gateway itself sets or derives, never copied as is.
+_REQUEST_DERIVED = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
+
+VIA = b"1.1 txgateway"
+
+
+def connection_tokens(headers: Headers) -> frozenset:
+    """
+    The lower-case header names listed in the C{Connection} header, which are
+    hop-by-hop for this message (RFC 9110 §7.6.1).
+    """
+    values = headers.getRawHeaders(b"connection")
+    if not values:
+        return frozenset()
+    return frozenset(
+        token.strip().lower() for value in values for token in value.split(b",") if token.strip()
+    )
+
+
+def upstream_headers(
+    incoming: Headers,
+    *,
+    client_ip: str,
+    proto: bytes,
+    host: bytes,
+    preserve_host: bool,
+    backend: Backend,
+) -> Headers:
+    """
+    The headers to send to a backend for a client request.
+
+    @param incoming: the client's request headers.
+    @param client_ip: the address the request came from, appended to
+        C{X-Forwarded-For}.
+    @param proto: C{b"http"} or C{b"https"}: the client listener's scheme,
+        sent as C{X-Forwarded-Proto}.
+    @param host: the client's C{Host} header value (C{b""} if none), sent as
+        C{X-Forwarded-Host} and, with C{preserve_host}, as C{Host}.
+    @param backend: the chosen backend; its host is the C{Host} otherwise.
+    @rtype: L{Headers}
+    """
+    drop = _REQUEST_DERIVED | connection_tokens(incoming) if incoming.hasHeader(
+        b"connection"
+    ) else _REQUEST_DERIVED
+    out = Headers()
+    for name, values in incoming.getAllRawHeaders():
+        lower = name.lower()
+        if lower in drop:
+            continue
+        if lower == b"x-forwarded-for" or lower == b"via":
+            continue
+        out.setRawHeaders(name, values)
+    forwarded_for = incoming.getRawHeaders(b"x-forwarded-for")
+    client = client_ip.encode("ascii", "replace")
+    out.setRawHeaders(
+        b"X-Forwarded-For",
+        [b", ".join(forwarded_for) + b", " + client if forwarded_for else client],
+    )
+    out.setRawHeaders(b"X-Forwarded-Proto", [proto])
+    if host:
+        out.setRawHeaders(b"X-Forwarded-Host", [host])
+    via = incoming.getRawHeaders(b"via")
+    out.setRawHeaders(b"Via", [b", ".join(via) + b", " + VIA if via else VIA])
+    out.setRawHeaders(b"Host", [host if preserve_host and host else backend.host_header])
+    return out
+
+
+def _remember_connection_headers() -> None:
+    """
+    Make each client L{Response} carry its connection-control fields.
+
+    Twisted's client parser files C{Connection}, C{Content-Length} and the
+    other connection-control fields apart from C{Response.headers}, so a
+    proxy cannot see which fields C{Connection} names as hop-by-hop. This
+    keeps a reference to that L{Headers} as C{response.connection_headers}.
+    It relies on L{HTTPClientParser} building the response in
+    C{statusReceived}; the tests fail if that changes.
+    """
+    original = HTTPClientParser.statusReceived
+    if getattr(original, "_txgateway", False):
+        return
+
+    def statusReceived(self, status):
+        original(self, status)
+        self.response.connection_headers = self.connHeaders
+
+    statusReceived._txgateway = True
+    HTTPClientParser.statusReceived = statusReceived
+
+
+_remember_connection_headers()
+
+
+def copy_response_headers(response, downstream: Headers, method: bytes) -> None:
+    """
+    Copy a backend response's headers to the client's response, leaving out
+    hop-by-hop fields (and those its C{Connection} names) and adding
+    C{Via}. Repeated fields (several C{Set-Cookie}) stay separate and in
+    order, and the backend's C{Content-Length} is kept.
+
+    @param response: the backend's L{IResponse}.
+    @param method: the request method (a HEAD response's length is not its
+        body's).
+    """
+    upstream = response.headers
+    control = getattr(response, "connection_headers", None)
+    drop = HOP_BY_HOP
+    if control is not None and control.hasHeader(b"connection"):
+        drop = HOP_BY_HOP | connection_tokens(control)
+    if (
+        method != b"HEAD"
+        and response.length is not UNKNOWN_LENGTH
+        and response.code not in (204, 304)
+        and response.code >= 200
+    ):
+        downstream.setRawHeaders(b"Content-Length", [b"%d" % response.length])
+    for name, values in upstream.getAllRawHeaders():
+        if name.lower() in drop:
+            continue
+        downstream.setRawHeaders(name, values)
+    via = upstream.getRawHeaders(b"via")
+    downstream.setRawHeaders(b"Via", [b", ".join(via) + b", " + VIA if via else VIA])
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """
+    A request body already in memory, written in one piece.
+
+    @ivar length: the body's length in bytes, sent as C{Content-Length}.
+    """
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer):
+        consumer.write(self._body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class UpstreamError(Exception):
+    """
+    A request could not get a response from a backend.
+
+    @ivar status: the status to answer the client with: 502 (refused, reset,
+        bad response), 503 (no capacity) or 504 (timed out).
+    @ivar reason: a short, client-safe description.
+    @ivar kind: C{"connect_failure"} (nothing reached the backend: safe to
+        retry any method), C{"reset"}, C{"timeout"} or C{"overload"}.
+    """
+
+    def __init__(self, status: int, reason: str, kind: str) -> None:
+        super().__init__(status, reason, kind)
+        self.status = status
+        self.reason = reason
+        self.kind = kind
+
+
+def classify_failure(failure: Failure, timed_out: bool) -> UpstreamError:
+    """
+    Map a failed backend request to the client's answer.
+
+    @param timed_out: the gateway's own response timer cancelled it.
+    """
+    if timed_out:
+        return UpstreamError(504, "backend response timed out", "timeout")
+    if failure.check(ierror.TimeoutError, ierror.ConnectingCancelledError):
+        return UpstreamError(504, "backend connect timed out", "connect_failure")
+    if failure.check(ierror.ConnectError, ierror.DNSLookupError):
+        return UpstreamError(502, "backend refused the connection", "connect_failure")
+    if failure.check(CancelledError):
+        return UpstreamError(502, "request cancelled", "reset")
+    return UpstreamError(502, "backend closed the connection without a response", "reset")
+
+
+class ConnectionLimit:
+    """
+    Caps the requests in flight to each backend of a service.
+
+    A request over the cap waits, first come first served, until one ends.
+
+    @param limit: the most requests in flight to one backend.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._active: dict[str, int] = {}
+        self._waiting: dict[str, deque] = {}
+
+    def active(self, backend: Backend) -> int:
+        """Requests in flight to C{backend} now."""
+        return self._active.get(backend.url, 0)
+
+    def acquire(self, backend: Backend) -> Optional[Deferred]:
+        """
+        Take a slot for C{backend}.
+
+        @return: None when a slot was free and is now taken, or a Deferred
+            that fires once one is (cancel it to stop waiting).
+        """
+        url = backend.url
+        count = self._active.get(url, 0)
+        if count < self.limit:
+            self._active[url] = count + 1
+            return None
+        queue = self._waiting.setdefault(url, deque())
+
+        def cancel(d: Deferred) -> None:
+            try:
+                queue.remove(d)
+            except ValueError:
+                pass
+
+        waiter: Deferred = Deferred(cancel)
+        queue.append(waiter)
+        return waiter
+
+    def release(self, backend: Backend) -> None:
+        """Give back the slot of a request to C{backend} that has ended."""
+        url = backend.url
+        queue = self._waiting.get(url)
+        if queue:
+            queue.popleft().callback(None)  # the slot passes on
+            return
+        count = self._active.get(url, 0) - 1
+        if count > 0:
+            self._active[url] = count
+        else:
+            self._active.pop(url, None)
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    noisy = False  # no "Starting factory" log line per backend connection
+
+
+class _Pool(HTTPConnectionPool):
+    _factory = _QuietClientFactory
+
+
+class ServiceForwarder:
+    """
+    Sends requests to the backends of one service over pooled connections.
+
+    @param reactor: provides C{IReactorTCP}, C{IReactorTime} (and
+        C{IReactorSSL} for HTTPS backends).
+    @param service: the service; its C{timeouts.connect} and
+        C{max_connections_per_backend} are used here.
+    """
+
+    def __init__(self, reactor, service: Service) -> None:
+        self._reactor = reactor
+        self.service = service
+        self.pool = _Pool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = service.max_connections_per_backend
+        self.pool.cachedConnectionTimeout = 60
+        self.limits = ConnectionLimit(service.max_connections_per_backend)
+        self._agent = Agent(reactor, connectTimeout=service.timeouts.connect, pool=self.pool)
+
+    def request(
+        self,
+        method: bytes,
+        backend: Backend,
+        target: bytes,
+        headers: Headers,
+        body: Optional[bytes],
+        timeout: float,
+    ) -> Deferred:
+        """
+        Send one request to C{backend}, taking a connection slot first.
+
+        The caller must call C{self.limits.release(backend)} once the
+        response body has been read or abandoned, or the request failed.
+
+        @param target: the path and query to request, without the backend's
+            base path.
+        @param body: the request body, or None for a request without one.
+        @param timeout: seconds to wait for the response headers, including
+            the wait for a slot and for the connection.
+        @return: a Deferred firing with an L{IResponse}, or failing with
+            L{UpstreamError}; cancelling it aborts the request.
+        """
+        state = {"timed_out": False, "inner": None}
+
+        def on_timeout() -> None:
+            state["timed_out"] = True
+            if state["inner"] is not None:
+                state["inner"].cancel()
+
+        timer = self._reactor.callLater(timeout, on_timeout)
+        result: Deferred = Deferred(lambda d: state["inner"] and state["inner"].cancel())
+
+        def send(_=None) -> None:
+            if state["timed_out"] or result.called:
+                self.limits.release(backend)
+                return
+            uri = b"%s://%s%s%s" % (backend.scheme, backend.host_header, backend.base_path, target)
+            producer = BytesProducer(body) if body is not None else None
+            inner = state["inner"] = self._agent.request(method, uri, headers, producer)
+            inner.addCallbacks(got_response, failed)
+
+        def got_response(response) -> None:
+            if timer.active():
+                timer.cancel()
+            result.callback(response)
+
+        def failed(failure: Failure) -> None:
+            if timer.active():
+                timer.cancel()
+            self.limits.release(backend)
+            if not result.called:
+                result.errback(classify_failure(failure, state["timed_out"]))
+
+        def no_slot(failure: Failure) -> None:
+            # Timed out or cancelled while waiting: no slot was taken.
+            if timer.active():
+                timer.cancel()
+            if not result.called:
+                result.errback(UpstreamError(503, "backend at capacity", "overload"))
+
+        waiter = self.limits.acquire(backend)
+        if waiter is None:
+            send()
+        else:
+            state["inner"] = waiter
+            waiter.addCallbacks(send, no_slot)
+        return result
+
+    def close(self) -> Deferred:
+        """Close the pool's idle connections. @return: fires when closed."""
+        return self.pool.closeCachedConnections()
+
+
+class BodyRelay(Protocol):
+    """
+    Streams a backend response body to the client with flow control: when
+    the client reads slowly, the channel pauses this relay's producer, which
+    stops reading from the backend, so memory stays bounded.
+
+    @ivar done: fires with None when the body has ended.
+    @ivar reason: why it ended: a L{Failure} of L{ResponseDone} (or
+        L{PotentialDataLoss} for a body delimited by closing) when it ended
+        cleanly, set before C{done} fires.
+    @ivar sent: body bytes written to the client.
+    """
+
+    def __init__(self, request) -> None:
+        self.request = request
+        self.done: Deferred = Deferred()
+        self.reason: Optional[Failure] = None
+        self.sent = 0
+
+    def connectionMade(self) -> None:
+        self.request.registerProducer(self.transport, True)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.sent += len(data)
+        self.request.write(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.request.unregisterProducer()
+        self.reason = reason
+        self.done.callback(None)
+
+
+def ended_cleanly(reason: Failure) -> bool:
+    """Whether a response body ended as the backend meant it to."""
+    return reason.check(ResponseDone, PotentialDataLoss) is not None

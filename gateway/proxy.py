@@ -1,0 +1,357 @@
+"""
+The proxy resource: the request pipeline from a client request to a
+streamed backend response.
+
+Steps, in order: request ID, route match, backend choice, forwarding,
+response streaming. Every failure becomes a JSON answer
+C{{"error": ..., "request_id": ...}} with the right status (404 no route,
+413 body too large, 502 backend failed, 503 no backend, 504 timed out);
+never a traceback, never a hang.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import server
+from twisted.web.resource import Resource
+
+from gateway.config import Backend, Route
+from gateway.forwarding import (
+    BodyRelay,
+    UpstreamError,
+    copy_response_headers,
+    ended_cleanly,
+    upstream_headers,
+)
+from gateway.routing import host_of, normalise_path, split_target
+from gateway.state import Gateway, ServiceRuntime
+
+_log = Logger()
+
+_NO_BODY_STATUSES = frozenset([204, 304])
+_REQUEST_ID_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")
+
+
+def _valid_request_id(value: bytes) -> bool:
+    return 0 < len(value) <= 128 and not value.translate(None, bytes(_REQUEST_ID_CHARS))
+
+
+def new_request_id() -> str:
+    """A fresh request ID: 32 hex digits from the OS's random source."""
+    return os.urandom(16).hex()
+
+
+class RequestContext:
+    """
+    What the gateway learned about one request, for logs and metrics.
+
+    Times are in seconds from the gateway's reactor clock.
+    """
+
+    __slots__ = (
+        "request_id", "method", "path", "client_ip", "route", "service", "backend",
+        "status", "started", "upstream_started", "upstream_ended", "ended",
+        "bytes_in", "bytes_out", "error", "consumer", "retries", "cache",
+    )
+
+    def __init__(self, request_id: str, method: bytes, path: bytes, client_ip: str, started: float):
+        self.request_id = request_id
+        self.method = method
+        self.path = path
+        self.client_ip = client_ip
+        self.started = started
+        self.route: Optional[Route] = None
+        self.service: Optional[str] = None
+        self.backend: Optional[Backend] = None
+        self.status = 0
+        self.upstream_started = 0.0
+        self.upstream_ended = 0.0
+        self.ended = 0.0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.error: Optional[str] = None
+        self.consumer: Optional[str] = None
+        self.retries = 0
+        self.cache: Optional[str] = None
+
+
+def write_json_error(
+    request: server.Request,
+    status: int,
+    message: str,
+    request_id: str,
+    headers: tuple = (),
+) -> None:
+    """
+    Answer C{request} with C{status} and a JSON error body, or, if the
+    response has already started, cut the connection so the client sees a
+    truncated response rather than a wrong one.
+    """
+    if request.startedWriting:
+        request.channel.transport.abortConnection()
+        return
+    body = json.dumps({"error": message, "request_id": request_id}).encode("utf-8")
+    request.setResponseCode(status)
+    request.responseHeaders.setRawHeaders(b"Content-Type", [b"application/json"])
+    request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
+    for name, value in headers:
+        request.responseHeaders.setRawHeaders(name, [value])
+    request.write(body)
+    request.finish()
+
+
+class ProxyResource(Resource):
+    """
+    The leaf resource serving every client request on the main listener.
+
+    @param gateway: supplies the config snapshot and service runtimes.
+    """
+
+    isLeaf = True
+
+    def __init__(self, gateway: Gateway) -> None:
+        super().__init__()
+        self._gateway = gateway
+        self._clock = gateway.reactor
+
+    def render(self, request: server.Request):
+        snapshot = self._gateway.snapshot
+        headers = request.requestHeaders
+        incoming_id = headers.getRawHeaders(b"x-request-id")
+        if incoming_id and _valid_request_id(incoming_id[0]):
+            request_id = incoming_id[0].decode("ascii")
+        else:
+            request_id = new_request_id()
+        request.responseHeaders.setRawHeaders(b"X-Request-Id", [request_id.encode("ascii")])
+        request.responseHeaders.removeHeader(b"server")
+        address = request.getClientAddress()
+        client_ip = getattr(address, "host", "") or ""
+        path, query = split_target(request.uri)
+        path = normalise_path(path)
+        context = RequestContext(request_id, request.method, path, client_ip, self._clock.seconds())
+        request.notifyFinish().addBoth(self._finished, request, context)
+
+        host_header = (headers.getRawHeaders(b"host") or [b""])[0]
+
+        def header(name: bytes) -> Optional[bytes]:
+            values = headers.getRawHeaders(name)
+            return values[0] if values else None
+
+        route = snapshot.router.match(request.method, path, host_of(host_header), header)
+        if route is None:
+            context.error = "no route"
+            write_json_error(request, 404, "no route matches the request", request_id)
+            return server.NOT_DONE_YET
+        context.route = route
+        context.service = route.service
+        runtime = snapshot.services[route.service]
+
+        if route.strip_prefix and route.match.path_prefix != "/":
+            path = path[len(route.match.path_prefix.encode("utf-8")):] or b"/"
+            if not path.startswith(b"/"):
+                path = b"/" + path
+
+        backend = runtime.balancer.pick(runtime.available(), client_ip.encode("ascii", "replace"))
+        if backend is None:
+            context.error = "no backend available"
+            write_json_error(
+                request, 503, "no healthy backend", request_id, ((b"Retry-After", b"1"),)
+            )
+            return server.NOT_DONE_YET
+        context.backend = backend
+
+        forwarded = upstream_headers(
+            headers,
+            client_ip=client_ip,
+            proto=b"https" if request.isSecure() else b"http",
+            host=host_header,
+            preserve_host=route.preserve_host,
+            backend=backend,
+        )
+        forwarded.setRawHeaders(b"X-Request-Id", [request_id.encode("ascii")])
+        body = None
+        if headers.hasHeader(b"content-length") or headers.hasHeader(b"transfer-encoding"):
+            body = request.content.getvalue()
+            context.bytes_in = len(body)
+
+        context.upstream_started = self._clock.seconds()
+        sent = runtime.forwarder.request(
+            request.method,
+            backend,
+            path + query,
+            forwarded,
+            body,
+            runtime.service.timeouts.response,
+        )
+        state = {"relay": None}
+
+        def client_gone(failure: Failure) -> None:
+            # The client went away: stop the backend request or body.
+            if not sent.called:
+                sent.cancel()
+            elif state["relay"] is not None and state["relay"].transport is not None:
+                state["relay"].transport.stopProducing()
+
+        request.notifyFinish().addErrback(client_gone)
+        sent.addCallbacks(
+            self._respond,
+            self._upstream_failed,
+            callbackArgs=(request, context, runtime, backend, state),
+            errbackArgs=(request, context),
+        )
+        return server.NOT_DONE_YET
+
+    def _respond(self, response, request, context, runtime: ServiceRuntime, backend, state):
+        context.upstream_ended = self._clock.seconds()
+        context.status = response.code
+        if request._disconnected:
+            response.deliverBody(_Discard())
+            runtime.forwarder.limits.release(backend)
+            return
+        request.setResponseCode(response.code, response.phrase)
+        copy_response_headers(response, request.responseHeaders, request.method)
+        relay = state["relay"] = BodyRelay(request)
+        response.deliverBody(relay)
+
+        def body_ended(_: None) -> None:
+            reason = relay.reason
+            runtime.forwarder.limits.release(backend)
+            context.bytes_out = relay.sent
+            if request._disconnected:
+                return
+            if ended_cleanly(reason):
+                request.finish()
+            else:
+                context.error = "backend response body failed"
+                _log.info(
+                    "backend {backend} failed mid-response: {reason}",
+                    backend=backend.url,
+                    reason=reason.getErrorMessage(),
+                    request_id=context.request_id,
+                )
+                request.channel.transport.abortConnection()
+
+        relay.done.addCallback(body_ended)
+
+    def _upstream_failed(self, failure: Failure, request, context) -> None:
+        context.upstream_ended = self._clock.seconds()
+        if request._disconnected:
+            return
+        if failure.check(UpstreamError):
+            error = failure.value
+            context.error = error.reason
+            write_json_error(request, error.status, error.reason, context.request_id)
+            return
+        _log.failure("unexpected forwarding failure", failure, request_id=context.request_id)
+        context.error = "internal error"
+        write_json_error(request, 500, "internal gateway error", context.request_id)
+
+    def _finished(self, result, request, context: RequestContext) -> None:
+        context.ended = self._clock.seconds()
+        if isinstance(result, Failure) and not request.startedWriting:
+            context.status = 499  # the client closed the connection first
+        else:
+            context.status = request.code
+        for observer in self._gateway.request_observers:
+            try:
+                observer(context)
+            except Exception:
+                _log.failure("request observer failed", request_id=context.request_id)
+        return None
+
+
+class _Discard:
+    """A body protocol that throws the body away."""
+
+    def makeConnection(self, transport) -> None:
+        pass
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason) -> None:
+        pass
+
+
+class GatewayRequest(server.Request):
+    """
+    A request whose body is held in memory up to the configured limit
+    (C{limits.max_request_body}); a larger body is refused with 413 and the
+    connection is closed without reading the rest.
+    """
+
+    _too_large = False
+
+    def _limit(self) -> int:
+        return self.channel.site.gateway.snapshot.config.limits.max_request_body
+
+    def gotLength(self, length) -> None:
+        import io
+
+        self.content = io.BytesIO()
+        if length is not None and length > self._limit():
+            self._refuse()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._too_large:
+            return
+        self.content.write(data)
+        if self.content.tell() > self._limit():
+            self._refuse()
+
+    def _refuse(self) -> None:
+        self._too_large = True
+        self.content = _NullFile()
+        body = json.dumps(
+            {"error": "request body too large", "request_id": None}
+        ).encode("utf-8")
+        self.channel.transport.write(
+            b"HTTP/1.1 413 Content Too Large\r\nContent-Type: application/json\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        self.channel.transport.loseConnection()
+
+    def requestReceived(self, command, path, version) -> None:
+        if self._too_large:
+            return
+        super().requestReceived(command, path, version)
+
+
+class _NullFile:
+    def write(self, data: bytes) -> None:
+        pass
+
+    def tell(self) -> int:
+        return 0
+
+    def seek(self, *args) -> None:
+        pass
+
+    def read(self, *args) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        pass
+
+
+class GatewaySite(server.Site):
+    """
+    The site of the main listener: every request goes to the proxy.
+
+    @ivar gateway: the L{Gateway} whose snapshot requests are served from.
+    """
+
+    requestFactory = GatewayRequest
+    noisy = False
+
+    def __init__(self, gateway: Gateway, **kwargs) -> None:
+        super().__init__(ProxyResource(gateway), **kwargs)
+        self.gateway = gateway
+
+    def log(self, request) -> None:
+        """Access logging is done by the gateway's request observers."""

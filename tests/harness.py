@@ -1,0 +1,183 @@
+"""
+Real processes for end-to-end tests: demo backends and twistd gateways on
+127.0.0.1, ephemeral ports, bounded waits, stopped by PID.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+#: The longest any start-up wait may take, in seconds.
+START_TIMEOUT = 20.0
+
+
+def env() -> dict:
+    """The environment for child processes: this checkout's code first."""
+    e = dict(os.environ)
+    e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
+    e["PYTHONUNBUFFERED"] = "1"
+    return e
+
+
+def wait_for(predicate, timeout: float = START_TIMEOUT, interval: float = 0.02, what: str = "condition"):
+    """Poll C{predicate} until it returns a true value; bounded by C{timeout} seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of process C{pid} in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+class Process:
+    """A child process, stopped by PID."""
+
+    def __init__(self, popen: subprocess.Popen, log_path: str) -> None:
+        self.popen = popen
+        self.pid = popen.pid
+        self.log_path = log_path
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> Optional[int]:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        return self.popen.returncode
+
+
+class Backend(Process):
+    """A demo backend: C{python -m gateway.demo_backend}."""
+
+    def __init__(self, name: str, port: int = 0) -> None:
+        fd, log_path = tempfile.mkstemp(prefix=f"backend-{name}-", suffix=".log")
+        os.close(fd)
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "gateway.demo_backend", "--port", str(port), "--name", name],
+            stdout=subprocess.PIPE,
+            stderr=open(log_path, "w"),
+            env=env(),
+            text=True,
+        )
+        super().__init__(popen, log_path)
+        self.name = name
+        line = popen.stdout.readline()  # blocks until the port is bound
+        match = re.match(r"listening on (\d+)", line)
+        if not match:
+            self.stop()
+            raise RuntimeError(f"backend {name} did not start: {line!r} {self.log()}")
+        self.port = int(match.group(1))
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stats(self) -> dict:
+        return json.loads(get(self.port, "/_stats").body)
+
+
+class Gateway(Process):
+    """A real C{twistd -n gateway} process on ephemeral ports."""
+
+    def __init__(self, config_text: str, extra_args=()) -> None:
+        fd, self.config_path = tempfile.mkstemp(prefix="gateway-", suffix=".yaml")
+        with os.fdopen(fd, "w") as f:
+            f.write(config_text)
+        fd, log_path = tempfile.mkstemp(prefix="gateway-", suffix=".log")
+        os.close(fd)
+        popen = subprocess.Popen(
+            [TWISTD, "-n", "--pidfile=", "--logfile", log_path, "gateway",
+             "--config", self.config_path, *extra_args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+            env=env(),
+            cwd=ROOT,
+        )
+        super().__init__(popen, log_path)
+
+        def started():
+            if popen.poll() is not None:
+                raise RuntimeError(f"gateway exited with {popen.returncode}:\n{self.log()}")
+            return re.search(r"GatewaySite starting on (\d+)", self.log())
+
+        self.port = int(wait_for(started, what="the gateway's listener").group(1))
+        admin = re.search(r"AdminSite starting on (\d+)", self.log())
+        self.admin_port = int(admin.group(1)) if admin else None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> Optional[int]:
+        code = super().stop(sig, timeout)
+        for path in (self.config_path,):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        return code
+
+
+class Response:
+    def __init__(self, status: int, headers: list, body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def header(self, name: str) -> Optional[str]:
+        values = self.all(name)
+        return values[0] if values else None
+
+    def all(self, name: str) -> list:
+        return [v for k, v in self.headers if k.lower() == name.lower()]
+
+    def json(self):
+        return json.loads(self.body)
+
+
+def request(port: int, method: str, path: str, headers=None, body: Optional[bytes] = None,
+            timeout: float = 10.0, chunked: bool = False) -> Response:
+    """One HTTP/1.1 request to 127.0.0.1:C{port}, on a new connection."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {}, encode_chunked=chunked)
+        r = conn.getresponse()
+        data = r.read()
+        return Response(r.status, r.getheaders(), data)
+    finally:
+        conn.close()
+
+
+def get(port: int, path: str, headers=None, timeout: float = 10.0) -> Response:
+    return request(port, "GET", path, headers=headers, timeout=timeout)
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound, then closed)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port

@@ -1,0 +1,320 @@
+"""
+End to end: a real twistd gateway in front of real backend processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import time
+from collections import Counter
+
+import pytest
+import pytest_twisted
+
+from gateway.demo_backend import PATTERN
+from tests.harness import Gateway, closed_port, get, request, rss_kib, wait_for
+
+
+def config(backends, extra_services: str = "", extra_routes: str = "", limits: str = "") -> str:
+    a, b, c = backends
+    return f"""
+listen: tcp:0:interface=127.0.0.1
+admin: {{listen: "tcp:0:interface=127.0.0.1"}}
+{limits}
+services:
+  rr:
+    backends:
+      - url: {a.url}
+      - url: {b.url}
+      - url: {c.url}
+  one:
+    backends: [{{url: {a.url}}}]
+    timeouts: {{connect: 1s, response: 1s}}
+  dead:
+    backends: [{{url: "http://127.0.0.1:{closed_port()}"}}]
+{extra_services}
+routes:
+  - name: rr
+    match: {{path_prefix: /rr}}
+    service: rr
+    strip_prefix: true
+  - name: one
+    match: {{path_prefix: /one}}
+    service: one
+    strip_prefix: true
+  - name: host
+    match: {{path_prefix: /, host: "*.example.com"}}
+    service: one
+  - name: post-only
+    match: {{path_prefix: /m, methods: [POST]}}
+    service: one
+  - name: v2
+    match: {{path_prefix: /one, headers: {{X-Version: v2}}}}
+    service: rr
+  - name: dead
+    match: {{path_prefix: /dead}}
+    service: dead
+  - name: preserve
+    match: {{path_prefix: /keep-host}}
+    service: one
+    preserve_host: true
+{extra_routes}
+"""
+
+
+@pytest.fixture(scope="module")
+def gateway(backends):
+    gw = Gateway(config(backends, limits="limits: {max_request_body: 64KiB}"))
+    yield gw
+    assert gw.stop() == 0, gw.log()
+    assert "Traceback" not in gw.log(), gw.log()
+
+
+def test_routes_by_prefix_and_strips_it(gateway):
+    r = get(gateway.port, "/one/users/7?x=1")
+    assert r.status == 200
+    assert r.json()["uri"] == "/users/7?x=1"
+    assert r.json()["backend"] == "a"
+
+
+def test_prefix_matches_at_segment_boundary(gateway):
+    assert get(gateway.port, "/oneX").status == 404
+    r = get(gateway.port, "/nothing-here")
+    assert r.status == 404
+    assert r.header("Content-Type") == "application/json"
+    assert r.json()["request_id"] == r.header("X-Request-Id")
+
+
+def test_dot_segments_cannot_escape_a_route(gateway):
+    r = get(gateway.port, "/one/../rr/x")
+    # normalised to /rr/x: served by the rr route with its prefix stripped
+    assert r.status == 200 and r.json()["uri"] == "/x"
+    r = get(gateway.port, "/one/%2e%2e/%2E%2e/dead")
+    assert r.status == 502  # /dead, not /one/...
+
+
+def test_routes_by_host(gateway):
+    r = get(gateway.port, "/anything", headers={"Host": "api.example.com"})
+    assert r.status == 200 and r.json()["uri"] == "/anything"
+    assert get(gateway.port, "/anything", headers={"Host": "example.org"}).status == 404
+
+
+def test_routes_by_method(gateway):
+    assert request(gateway.port, "POST", "/m/x", body=b"hi").status == 200
+    assert get(gateway.port, "/m/x").status == 404
+
+
+def test_routes_by_header(gateway):
+    seen = {get(gateway.port, "/one/x", headers={"X-Version": "v2"}).json()["backend"] for _ in range(3)}
+    assert seen == {"a", "b", "c"}  # the v2 route goes to the rr service
+    assert get(gateway.port, "/one/x", headers={"X-Version": "v1"}).json()["backend"] == "a"
+
+
+def test_round_robin_spreads_evenly(gateway):
+    counts = Counter(get(gateway.port, "/rr/").json()["backend"] for _ in range(30))
+    assert counts == {"a": 10, "b": 10, "c": 10}
+
+
+def test_request_headers_forwarded(gateway):
+    r = get(
+        gateway.port,
+        "/one/echo",
+        headers={
+            "X-Forwarded-For": "203.0.113.9",
+            "Connection": "X-Hop",
+            "X-Hop": "secret",
+            "Keep-Alive": "timeout=5",
+            "Proxy-Authorization": "Basic eA==",
+            "X-Kept": "yes",
+            "Host": "public.test",
+        },
+    )
+    headers = {}
+    for k, v in r.json()["headers"]:
+        headers.setdefault(k.lower(), []).append(v)
+    assert headers["x-forwarded-for"] == ["203.0.113.9, 127.0.0.1"]
+    assert headers["x-forwarded-proto"] == ["http"]
+    assert headers["x-forwarded-host"] == ["public.test"]
+    assert headers["via"] == ["1.1 txgateway"]
+    assert headers["host"] == [f"127.0.0.1:{gateway_backend_port(r)}"]
+    assert headers["x-kept"] == ["yes"]
+    for hop in ("x-hop", "keep-alive", "proxy-authorization", "connection"):
+        assert hop not in headers
+    assert headers["x-request-id"] == [r.header("X-Request-Id")]
+
+
+def gateway_backend_port(response) -> str:
+    return response.header("X-Backend-Port") or _PORTS[response.json()["backend"]]
+
+
+_PORTS: dict = {}
+
+
+@pytest.fixture(autouse=True)
+def _ports(backends):
+    _PORTS.update({b.name: str(b.port) for b in backends})
+
+
+def test_preserve_host(gateway):
+    r = get(gateway.port, "/keep-host/x", headers={"Host": "public.test"})
+    assert ["Host", "public.test"] in r.json()["headers"]
+
+
+def test_incoming_request_id_kept(gateway):
+    r = get(gateway.port, "/one/x", headers={"X-Request-Id": "abc-123"})
+    assert r.header("X-Request-Id") == "abc-123"
+    assert ["X-Request-Id", "abc-123"] in r.json()["headers"]
+    bad = get(gateway.port, "/one/x", headers={"X-Request-Id": "no spaces allowed"})
+    assert bad.header("X-Request-Id") != "no spaces allowed"
+
+
+def test_response_hop_by_hop_dropped_and_cookies_kept_in_order(gateway):
+    r = get(gateway.port, "/one/hopbyhop")
+    names = {k.lower() for k, _ in r.headers}
+    assert "x-secret-hop" not in names and "keep-alive" not in names
+    assert "proxy-authenticate" not in names
+    assert r.header("X-End-To-End") == "kept"
+    assert r.header("Via") == "1.1 txgateway"
+    r = get(gateway.port, "/one/cookies")
+    assert r.all("Set-Cookie") == ["c0=v0; Path=/", "c1=v1; Path=/", "c2=v2; Path=/"]
+
+
+def test_post_body_forwarded(gateway):
+    body = bytes(range(256)) * 100
+    r = request(gateway.port, "POST", "/one/upload", body=body)
+    assert r.json()["body_length"] == len(body)
+    assert r.json()["body_sha256"] == hashlib.sha256(body).hexdigest()
+
+
+def test_body_over_limit_is_413(gateway):
+    r = request(gateway.port, "POST", "/one/upload", body=b"x" * (64 * 1024 + 1))
+    assert r.status == 413
+    assert r.json()["error"] == "request body too large"
+    assert request(gateway.port, "POST", "/one/upload", body=b"x" * (64 * 1024)).status == 200
+
+
+def test_chunked_body_over_limit_is_413(gateway):
+    def chunks():
+        for _ in range(100):
+            yield b"y" * 1024
+
+    r = request(gateway.port, "POST", "/one/upload", body=chunks(), chunked=True)
+    assert r.status == 413
+
+
+def test_head_204_304_have_no_body_and_keep_content_length(gateway):
+    r = request(gateway.port, "HEAD", "/one/large?bytes=12345")
+    assert r.status == 200 and r.body == b""
+    assert r.header("Content-Length") == "12345"
+    for code in (204, 304):
+        r = get(gateway.port, f"/one/status/{code}")
+        assert r.status == code and r.body == b""
+
+
+def test_backend_status_passed_through(gateway):
+    r = get(gateway.port, "/one/status/418")
+    assert r.status == 418 and r.json()["backend"] == "a"
+
+
+def test_refused_backend_is_502(gateway):
+    r = get(gateway.port, "/dead/x")
+    assert r.status == 502
+    body = r.json()
+    assert set(body) == {"error", "request_id"} and body["request_id"] == r.header("X-Request-Id")
+
+
+def test_reset_before_response_is_502(gateway):
+    assert get(gateway.port, "/one/drop").status == 502
+
+
+def test_response_timeout_is_504(gateway):
+    started = time.monotonic()
+    r = get(gateway.port, "/one/hang")
+    assert r.status == 504
+    assert time.monotonic() - started < 5
+    assert get(gateway.port, "/one/slow?delay=3").status == 504
+
+
+def test_truncated_backend_body_cuts_the_client(gateway):
+    with pytest.raises(Exception):
+        get(gateway.port, "/one/truncate")
+
+
+def test_client_gone_cancels_backend_request(gateway, backends):
+    a = backends[0]
+    before = a.stats()["abandoned"]
+    s = socket.create_connection(("127.0.0.1", gateway.port))
+    s.sendall(b"GET /one/slow?delay=30 HTTP/1.1\r\nHost: x\r\n\r\n")
+    wait_for(lambda: a.stats()["in_flight"] >= 1, what="the request to reach the backend")
+    s.close()
+    wait_for(lambda: a.stats()["abandoned"] > before, timeout=5, what="the backend request to be cancelled")
+
+
+def test_admin_health(gateway):
+    r = get(gateway.admin_port, "/health")
+    assert r.status == 200 and r.json()["status"] == "ok"
+
+
+def test_large_streamed_response_checksum_and_bounded_memory(gateway):
+    size = 1024 * 1024 * 1024  # 1 GiB
+    expected = hashlib.sha256()
+    for _ in range(size // len(PATTERN)):
+        expected.update(PATTERN)
+    baseline = rss_kib(gateway.pid)
+    peak = baseline
+    s = socket.create_connection(("127.0.0.1", gateway.port))
+    s.sendall(b"GET /one/large?bytes=%d HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % size)
+    # Read nothing for a while: without flow control the gateway would
+    # buffer the backend's whole answer.
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        peak = max(peak, rss_kib(gateway.pid))
+        time.sleep(0.05)
+    f = s.makefile("rb")
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        head += f.read(1)
+    assert head.startswith(b"HTTP/1.1 200")
+    assert b"Content-Length: %d" % size in head
+    got = hashlib.sha256()
+    received = 0
+    while True:
+        data = f.read(1 << 20)
+        if not data:
+            break
+        received += len(data)
+        got.update(data)
+        if received % (64 << 20) < (1 << 20):
+            peak = max(peak, rss_kib(gateway.pid))
+    s.close()
+    assert received == size
+    assert got.hexdigest() == expected.hexdigest()
+    growth_mib = (peak - baseline) / 1024
+    assert growth_mib < 64, f"gateway RSS grew by {growth_mib:.0f} MiB"
+
+
+@pytest_twisted.inlineCallbacks
+def test_thousand_concurrent_requests(gateway):
+    import treq
+    from twisted.internet import reactor
+    from twisted.internet.defer import gatherResults
+    from twisted.web.client import HTTPConnectionPool
+
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 1000
+
+    def one(i):
+        d = treq.get(f"http://127.0.0.1:{gateway.port}/rr/item/{i}", pool=pool, timeout=30)
+        d.addCallback(lambda r: treq.json_content(r).addCallback(lambda body: (r.code, body)))
+        return d
+
+    try:
+        results = yield gatherResults([one(i) for i in range(1000)], consumeErrors=True)
+    finally:
+        yield pool.closeCachedConnections()
+    assert all(code == 200 for code, _ in results)
+    assert [body["uri"] for _, body in results] == [f"/item/{i}" for i in range(1000)]
+    assert Counter(body["backend"] for _, body in results) == {"a": 334, "b": 333, "c": 333} or \
+        sorted(Counter(body["backend"] for _, body in results).values()) == [333, 333, 334]
