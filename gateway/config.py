@@ -14,6 +14,7 @@ C{"10MiB"}, C{"1GiB"}.
 
 from __future__ import annotations
 
+import importlib
 import re
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar
@@ -312,6 +313,79 @@ def size(where: Where, value: Any) -> int:
     raise where.error(f"expected a size such as 1048576 or 10MiB, got {value!r}")
 
 
+# --- sections contributed by feature modules -----------------------------------
+
+
+@attrs.frozen
+class Extension:
+    """
+    A config key contributed by a feature module (rate limiting, auth, ...).
+
+    @ivar name: the key, e.g. C{rate_limit}.
+    @ivar parse: C{parse(where, value, context)} -> the frozen object kept in
+        C{options[name]}; raises L{ConfigError} through C{where.error}.
+        C{context} is a L{ParseContext}.
+    @ivar default: the value kept when the key is absent.
+    @ivar top_default: (route and service keys) the same key at the top
+        level of the file gives the default for routes or services that
+        do not set it.
+    """
+
+    name: str
+    parse: Callable[[Where, Any, "ParseContext"], Any]
+    default: Any = None
+    top_default: bool = False
+
+
+@attrs.frozen
+class ParseContext:
+    """
+    What a section parser may consult.
+
+    @ivar top: top-level extension values parsed so far (name -> value).
+    @ivar services: the services, when parsing routes.
+    """
+
+    top: Mapping[str, Any]
+    services: Mapping[str, Any] = MappingProxyType({})
+
+
+#: Keys allowed at the top level, in each service and in each route, by
+#: feature modules. Register with L{register}.
+TOP_EXTENSIONS: dict[str, Extension] = {}
+SERVICE_EXTENSIONS: dict[str, Extension] = {}
+ROUTE_EXTENSIONS: dict[str, Extension] = {}
+
+#: Feature modules imported before parsing, so that they register their keys.
+FEATURE_MODULES: list[str] = []
+
+
+def register(level: str, extension: Extension) -> Extension:
+    """
+    Allow the key C{extension.name} at C{level} (C{"top"}, C{"service"} or
+    C{"route"}).
+
+    @raise ValueError: the key is already taken at that level.
+    """
+    table = {"top": TOP_EXTENSIONS, "service": SERVICE_EXTENSIONS, "route": ROUTE_EXTENSIONS}[level]
+    if extension.name in table and table[extension.name] != extension:
+        raise ValueError(f"config key {extension.name!r} is already registered at {level} level")
+    table[extension.name] = extension
+    return extension
+
+
+def _take_extensions(
+    section: Section, table: Mapping[str, Extension], context: ParseContext, defaults: Mapping[str, Any]
+) -> Mapping[str, Any]:
+    options = {}
+    for name, extension in table.items():
+        fallback = defaults.get(name, extension.default)
+        options[name] = section.take(
+            name, lambda w, v, e=extension: e.parse(w, v, context), fallback
+        )
+    return MappingProxyType(options)
+
+
 # --- the configuration objects -------------------------------------------------
 
 
@@ -402,6 +476,8 @@ class Service:
     balancer: str = "round_robin"
     timeouts: Timeouts = Timeouts()
     max_connections_per_backend: int = 256
+    #: Values of the keys registered in L{SERVICE_EXTENSIONS}, by name.
+    options: Mapping[str, Any] = MappingProxyType({})
 
 
 @attrs.frozen
@@ -436,6 +512,8 @@ class Route:
     service: str
     strip_prefix: bool = False
     preserve_host: bool = False
+    #: Values of the keys registered in L{ROUTE_EXTENSIONS}, by name.
+    options: Mapping[str, Any] = MappingProxyType({})
 
 
 @attrs.frozen
@@ -471,6 +549,8 @@ class Config:
     routes: tuple[Route, ...]
     limits: Limits = Limits()
     source: str = "<string>"
+    #: Values of the keys registered in L{TOP_EXTENSIONS}, by name.
+    options: Mapping[str, Any] = MappingProxyType({})
 
 
 # --- parsing -------------------------------------------------------------------
@@ -504,7 +584,7 @@ def _timeouts(where: Where, value: Any) -> Timeouts:
 BALANCERS = ("round_robin",)
 
 
-def _service(where: Where, name: str, value: Any) -> Service:
+def _service(where: Where, name: str, value: Any, context: ParseContext) -> Service:
     section = Section(where, value)
     backends_where = section.at("backends")
     backends = section.take("backends", lambda w, v: tuple(_backend(iw, i) for iw, i in sequence(w, v)))
@@ -523,6 +603,7 @@ def _service(where: Where, name: str, value: Any) -> Service:
         max_connections_per_backend=section.take(
             "max_connections_per_backend", integer(1, 100000), 256
         ),
+        options=_take_extensions(section, SERVICE_EXTENSIONS, context, context.top),
     )
     section.finish()
     return service
@@ -579,7 +660,8 @@ def _match(where: Where, value: Any) -> RouteMatch:
     return match
 
 
-def _route(where: Where, value: Any, services: Mapping[str, Service]) -> Route:
+def _route(where: Where, value: Any, context: ParseContext) -> Route:
+    services = context.services
     section = Section(where, value)
     name = section.take("name", string)
     service_where = section.at("service")
@@ -592,6 +674,7 @@ def _route(where: Where, value: Any, services: Mapping[str, Service]) -> Route:
         service=service,
         strip_prefix=section.take("strip_prefix", boolean, False),
         preserve_host=section.take("preserve_host", boolean, False),
+        options=_take_extensions(section, ROUTE_EXTENSIONS, context, context.top),
     )
     section.finish()
     return route
@@ -644,19 +727,34 @@ def parse_config(text: str, source: str = "<string>") -> Config:
     if data is None:
         raise root.error("the file is empty")
     section = Section(root, data)
+    for module in FEATURE_MODULES:
+        importlib.import_module(module)
+
+    # Top-level feature keys first: services and routes may refer to them
+    # (consumers, redis, defaults for route filters).
+    top: dict[str, Any] = {}
+    context = ParseContext(top=top)
+    for name, extension in TOP_EXTENSIONS.items():
+        top[name] = section.take(
+            name, lambda w, v, e=extension: e.parse(w, v, context), extension.default
+        )
+    for name, extension in {**SERVICE_EXTENSIONS, **ROUTE_EXTENSIONS}.items():
+        if extension.top_default and name not in TOP_EXTENSIONS and section.has(name):
+            top[name] = section.take(name, lambda w, v, e=extension: e.parse(w, v, context))
 
     services_where = section.at("services")
     services: dict[str, Service] = {}
     for w, name, value in mapping_items(services_where, section.take("services", lambda w, v: v)):
         if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9_.-]+$", name):
             raise w.error("a service name may hold only letters, digits, '_', '.', '-'")
-        services[name] = _service(w, name, value)
+        services[name] = _service(w, name, value, context)
+    context = ParseContext(top=top, services=services)
 
     routes_where = section.at("routes")
     routes: list[Route] = []
     names: set[str] = set()
     for w, value in sequence(routes_where, section.take("routes", lambda w, v: v)):
-        route = _route(w, value, services)
+        route = _route(w, value, context)
         if route.name in names:
             raise w.child("name", getattr(value, "lines", {}).get("name", w.line)).error(
                 f"duplicate route name {route.name!r}"
@@ -671,6 +769,7 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         routes=tuple(routes),
         limits=section.take("limits", _limits, Limits()),
         source=source,
+        options=MappingProxyType(top),
     )
     section.finish()
     return config

@@ -15,6 +15,7 @@ import json
 import os
 from typing import Optional
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
@@ -28,6 +29,7 @@ from gateway.forwarding import (
     ended_cleanly,
     upstream_headers,
 )
+from gateway.pipeline import Answer
 from gateway.routing import host_of, normalise_path, split_target
 from gateway.state import Gateway, ServiceRuntime
 
@@ -57,6 +59,7 @@ class RequestContext:
         "request_id", "method", "path", "client_ip", "route", "service", "backend",
         "status", "started", "upstream_started", "upstream_ended", "ended",
         "bytes_in", "bytes_out", "error", "consumer", "retries", "cache",
+        "query", "host", "snapshot", "notes",
     )
 
     def __init__(self, request_id: str, method: bytes, path: bytes, client_ip: str, started: float):
@@ -78,38 +81,22 @@ class RequestContext:
         self.consumer: Optional[str] = None
         self.retries = 0
         self.cache: Optional[str] = None
-
-
-def write_json_error(
-    request: server.Request,
-    status: int,
-    message: str,
-    request_id: str,
-    headers: tuple = (),
-) -> None:
-    """
-    Answer C{request} with C{status} and a JSON error body, or, if the
-    response has already started, cut the connection so the client sees a
-    truncated response rather than a wrong one.
-    """
-    if request.startedWriting:
-        request.channel.transport.abortConnection()
-        return
-    body = json.dumps({"error": message, "request_id": request_id}).encode("utf-8")
-    request.setResponseCode(status)
-    request.responseHeaders.setRawHeaders(b"Content-Type", [b"application/json"])
-    request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
-    for name, value in headers:
-        request.responseHeaders.setRawHeaders(name, [value])
-    request.write(body)
-    request.finish()
+        #: The query string, with its C{?}, or C{b""}.
+        self.query = b""
+        #: The client's C{Host} header value, or C{b""}.
+        self.host = b""
+        #: The L{gateway.state.Snapshot} this request is served from.
+        self.snapshot = None
+        #: Per-request state of filters, by filter name.
+        self.notes: dict = {}
 
 
 class ProxyResource(Resource):
     """
     The leaf resource serving every client request on the main listener.
 
-    @param gateway: supplies the config snapshot and service runtimes.
+    @param gateway: supplies the config snapshot, the service runtimes and
+        the request filters (L{gateway.pipeline}).
     """
 
     isLeaf = True
@@ -118,6 +105,8 @@ class ProxyResource(Resource):
         super().__init__()
         self._gateway = gateway
         self._clock = gateway.reactor
+
+    # -- the pipeline ------------------------------------------------------
 
     def render(self, request: server.Request):
         snapshot = self._gateway.snapshot
@@ -134,9 +123,12 @@ class ProxyResource(Resource):
         path, query = split_target(request.uri)
         path = normalise_path(path)
         context = RequestContext(request_id, request.method, path, client_ip, self._clock.seconds())
+        context.query = query
+        context.snapshot = snapshot
         request.notifyFinish().addBoth(self._finished, request, context)
 
         host_header = (headers.getRawHeaders(b"host") or [b""])[0]
+        context.host = host_header
 
         def header(name: bytes) -> Optional[bytes]:
             values = headers.getRawHeaders(name)
@@ -145,35 +137,114 @@ class ProxyResource(Resource):
         route = snapshot.router.match(request.method, path, host_of(host_header), header)
         if route is None:
             context.error = "no route"
-            write_json_error(request, 404, "no route matches the request", request_id)
+            self._answer(request, context, Answer.error_(404, "no route matches the request"))
             return server.NOT_DONE_YET
         context.route = route
         context.service = route.service
-        runtime = snapshot.services[route.service]
+        self._run_filters(None, request, context, 0)
+        return server.NOT_DONE_YET
 
+    def _run_filters(self, _, request, context: RequestContext, index: int) -> None:
+        filters = self._gateway.filters
+        while index < len(filters):
+            on_request = getattr(filters[index], "on_request", None)
+            index += 1
+            if on_request is None:
+                continue
+            try:
+                result = on_request(request, context)
+            except Exception:
+                self._filter_failed(Failure(), request, context)
+                return
+            if result is None:
+                continue
+            if isinstance(result, Deferred):
+                result.addCallback(self._filter_result, request, context, index)
+                result.addErrback(self._filter_failed, request, context)
+                return
+            self._answer(request, context, result)
+            return
+        self._forward(request, context)
+
+    def _filter_result(self, result, request, context: RequestContext, index: int) -> None:
+        if request._disconnected:
+            return
+        if result is None:
+            self._run_filters(None, request, context, index)
+        else:
+            self._answer(request, context, result)
+
+    def _filter_failed(self, failure: Failure, request, context: RequestContext) -> None:
+        _log.failure(
+            "request filter failed", failure, request_id=context.request_id
+        )
+        context.error = "internal error"
+        if not request._disconnected:
+            self._answer(request, context, Answer.error_(500, "internal gateway error"))
+
+    def _response_filters(self, request, context: RequestContext) -> None:
+        for f in self._gateway.filters:
+            on_response = getattr(f, "on_response", None)
+            if on_response is not None:
+                try:
+                    on_response(request, context)
+                except Exception:
+                    _log.failure("response filter failed", request_id=context.request_id)
+
+    def _answer(self, request, context: RequestContext, answer: Answer) -> None:
+        """Answer the client directly (not from a backend)."""
+        if request._disconnected:
+            return
+        if request.startedWriting:
+            request.channel.transport.abortConnection()
+            return
+        if answer.body is None:
+            body = json.dumps({"error": answer.error, "request_id": context.request_id}).encode("utf-8")
+            request.responseHeaders.setRawHeaders(b"Content-Type", [b"application/json"])
+        else:
+            body = answer.body
+        request.setResponseCode(answer.status)
+        for name, value in answer.headers:
+            request.responseHeaders.addRawHeader(name, value)
+        if answer.status not in _NO_BODY_STATUSES:
+            request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
+        self._response_filters(request, context)
+        context.bytes_out = len(body)
+        request.write(body)
+        request.finish()
+
+    # -- forwarding --------------------------------------------------------
+
+    def _forward(self, request, context: RequestContext) -> None:
+        route = context.route
+        runtime = context.snapshot.services[route.service]
+        headers = request.requestHeaders
+        path = context.path
         if route.strip_prefix and route.match.path_prefix != "/":
             path = path[len(route.match.path_prefix.encode("utf-8")):] or b"/"
             if not path.startswith(b"/"):
                 path = b"/" + path
 
-        backend = runtime.balancer.pick(runtime.available(), client_ip.encode("ascii", "replace"))
+        backend = runtime.balancer.pick(runtime.available(), context.client_ip.encode("ascii", "replace"))
         if backend is None:
             context.error = "no backend available"
-            write_json_error(
-                request, 503, "no healthy backend", request_id, ((b"Retry-After", b"1"),)
+            self._answer(
+                request,
+                context,
+                Answer.error_(503, "no healthy backend", ((b"Retry-After", b"1"),)),
             )
-            return server.NOT_DONE_YET
+            return
         context.backend = backend
 
         forwarded = upstream_headers(
             headers,
-            client_ip=client_ip,
+            client_ip=context.client_ip,
             proto=b"https" if request.isSecure() else b"http",
-            host=host_header,
+            host=context.host,
             preserve_host=route.preserve_host,
             backend=backend,
         )
-        forwarded.setRawHeaders(b"X-Request-Id", [request_id.encode("ascii")])
+        forwarded.setRawHeaders(b"X-Request-Id", [context.request_id.encode("ascii")])
         body = None
         if headers.hasHeader(b"content-length") or headers.hasHeader(b"transfer-encoding"):
             body = request.content.getvalue()
@@ -183,7 +254,7 @@ class ProxyResource(Resource):
         sent = runtime.forwarder.request(
             request.method,
             backend,
-            path + query,
+            path + context.query,
             forwarded,
             body,
             runtime.service.timeouts.response,
@@ -204,7 +275,6 @@ class ProxyResource(Resource):
             callbackArgs=(request, context, runtime, backend, state),
             errbackArgs=(request, context),
         )
-        return server.NOT_DONE_YET
 
     def _respond(self, response, request, context, runtime: ServiceRuntime, backend, state):
         context.upstream_ended = self._clock.seconds()
@@ -215,6 +285,7 @@ class ProxyResource(Resource):
             return
         request.setResponseCode(response.code, response.phrase)
         copy_response_headers(response, request.responseHeaders, request.method)
+        self._response_filters(request, context)
         relay = state["relay"] = BodyRelay(request)
         response.deliverBody(relay)
 
@@ -245,11 +316,11 @@ class ProxyResource(Resource):
         if failure.check(UpstreamError):
             error = failure.value
             context.error = error.reason
-            write_json_error(request, error.status, error.reason, context.request_id)
+            self._answer(request, context, Answer.error_(error.status, error.reason))
             return
         _log.failure("unexpected forwarding failure", failure, request_id=context.request_id)
         context.error = "internal error"
-        write_json_error(request, 500, "internal gateway error", context.request_id)
+        self._answer(request, context, Answer.error_(500, "internal gateway error"))
 
     def _finished(self, result, request, context: RequestContext) -> None:
         context.ended = self._clock.seconds()

@@ -10,6 +10,7 @@ balancer state), so a reload does not drop warm connections.
 
 from __future__ import annotations
 
+import importlib
 import random
 from typing import Callable, Mapping, Optional
 
@@ -17,8 +18,9 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 
 from gateway.balancing import make_balancer
-from gateway.config import Config, Service
+from gateway.config import FEATURE_MODULES, Config, Service
 from gateway.forwarding import ServiceForwarder
+from gateway.pipeline import build_filters
 from gateway.routing import Router
 
 _log = Logger()
@@ -82,6 +84,10 @@ class Gateway:
         #: Called with each finished L{gateway.proxy.RequestContext}.
         self.request_observers: list[Callable] = []
         self.snapshot: Snapshot = self._build(config, {})
+        for module in FEATURE_MODULES:
+            importlib.import_module(module)
+        #: The request filters, in pipeline order (L{gateway.pipeline}).
+        self.filters = build_filters(self)
 
     def _build(self, config: Config, old: Mapping[str, ServiceRuntime]) -> Snapshot:
         services = {}
@@ -105,6 +111,10 @@ class Gateway:
         """
         old = self.snapshot.services
         self.snapshot = self._build(config, old)
+        for f in self.filters:
+            reconfigure = getattr(f, "reconfigure", None)
+            if reconfigure is not None:
+                reconfigure(self.snapshot)
         kept = set(map(id, self.snapshot.services.values()))
         closing = [runtime.close() for runtime in old.values() if id(runtime) not in kept]
         return gatherResults(closing, consumeErrors=True)
