@@ -681,11 +681,24 @@ def _route(where: Where, value: Any, context: ParseContext) -> Route:
 
 
 def _endpoint(where: Where, value: Any) -> str:
+    """
+    A Twisted server endpoint string (C{tcp:8080:interface=127.0.0.1},
+    C{ssl:...}, C{systemd:domain=INET:index=0}); a bare port number means
+    C{tcp:PORT}. It is parsed here, so a typo is refused at load time.
+    """
+    from twisted.internet.endpoints import serverFromString
+
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = f"tcp:{value}"
     endpoint = string(where, value)
-    if ":" not in endpoint:
+    if endpoint.startswith("systemd:"):
+        return endpoint  # its sockets exist only under socket activation
+    try:
+        serverFromString(None, endpoint)
+    except (ValueError, KeyError, TypeError, IndexError, OSError) as e:
         raise where.error(
-            f"expected a Twisted endpoint string such as tcp:8080, got {endpoint!r}"
-        )
+            f"expected a Twisted endpoint string such as tcp:8080, got {endpoint!r} ({e})"
+        ) from None
     return endpoint
 
 
