@@ -378,12 +378,18 @@ class GatewayRequest(server.Request):
     def _refuse(self) -> None:
         self._too_large = True
         self.content = _NullFile()
+        incoming = self.requestHeaders.getRawHeaders(b"x-request-id")
+        if incoming and _valid_request_id(incoming[0]):
+            request_id = incoming[0].decode("ascii")
+        else:
+            request_id = new_request_id()
         body = json.dumps(
-            {"error": "request body too large", "request_id": None}
+            {"error": "request body too large", "request_id": request_id}
         ).encode("utf-8")
         self.channel.transport.write(
             b"HTTP/1.1 413 Content Too Large\r\nContent-Type: application/json\r\n"
-            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            b"X-Request-Id: %s\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+            % (request_id.encode("ascii"), len(body), body)
         )
         self.channel.transport.loseConnection()
 
