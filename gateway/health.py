@@ -35,9 +35,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
 from gateway.config import Backend
+from gateway.forwarding import BackendEndpoints
 
 _log = Logger()
 
@@ -375,6 +376,14 @@ class ActiveHealthChecker:
 # --- the real probe -----------------------------------------------------------
 
 
+class _QuietFactory(_HTTP11ClientFactory):
+    noisy = False  # no "Starting factory" log lines on every probe
+
+
+class _ProbePool(HTTPConnectionPool):
+    _factory = _QuietFactory
+
+
 def treq_probe(reactor: IReactorTime, client: Any = None) -> Probe:
     """
     A probe doing C{GET <backend.url><path>} with treq.
@@ -395,9 +404,10 @@ def treq_probe(reactor: IReactorTime, client: Any = None) -> Probe:
         the body).
     """
     if client is None:
-        pool = HTTPConnectionPool(reactor, persistent=False)
+        pool = _ProbePool(reactor, persistent=False)
         jar = IndexableCookieJar(DefaultCookiePolicy(allowed_domains=[]))
-        client = HTTPClient(Agent(reactor, pool=pool), cookiejar=jar)
+        agent = Agent.usingEndpointFactory(reactor, BackendEndpoints(reactor, 30.0), pool=pool)
+        client = HTTPClient(agent, cookiejar=jar)
 
     def probe(backend: Backend, path: str, timeout: float) -> Deferred:
         url = backend.url + path
