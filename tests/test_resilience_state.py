@@ -249,3 +249,36 @@ def test_reload_keeps_state_of_unchanged_services_and_moves_health_checks():
     gw.apply(config(check.replace("1s", "3s")))
     assert not gw.snapshot.services["s"].checker.running
     assert reactor.getDelayedCalls() == []
+
+
+def test_make_service_runs_health_checks_before_the_listeners(tmp_path):
+    from gateway.tap import Options, makeService, summary
+
+    path = tmp_path / "gw.yaml"
+    path.write_text(
+        f"""\
+listen: tcp:0:interface=127.0.0.1
+admin: {{listen: "tcp:0:interface=127.0.0.1"}}
+services:
+  s:
+{BACKENDS}    health_check: {{path: /h, interval: 5s}}
+    passive_health: {{}}
+    circuit_breaker: {{}}
+routes:
+  - {{name: r, service: s}}
+"""
+    )
+    options = Options()
+    options.parseOptions(["--config", str(path)])
+    reactor = MemoryReactorClock()
+    root = makeService(options, reactor)
+    assert [s.name for s in root] == ["health-checks", "admin-listener", "listener"]
+    runtime = root.gateway.snapshot.services["s"]
+    assert not runtime.checker.running
+    root.startService()
+    assert runtime.checker.running
+    root.stopService()
+    assert not runtime.checker.running
+    assert reactor.getDelayedCalls() == []  # probes in flight were cancelled
+    assert "service s: round_robin, health check /h every 5s, ejection after 5 failures, " \
+        "circuit breaker: http://127.0.0.1:9001" in summary(options.config)
