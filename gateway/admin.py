@@ -1,6 +1,6 @@
 """
-The admin listener's resources: C{/health} (and, as they arrive, metrics,
-stats and the dashboard).
+The admin listener's resources: C{/health}, C{/backends} (and, as they
+arrive, metrics, stats and the dashboard).
 
 The admin listener is separate from client traffic and binds to
 127.0.0.1 by default: nothing here is meant for the public.
@@ -50,6 +50,23 @@ class HealthResource(Resource):
         )
 
 
+class BackendsResource(Resource):
+    """
+    C{GET /backends}: C{{"backends": [...]}}, the state of every backend
+    (L{gateway.state.Gateway.backend_states}): health, ejection, circuit
+    state and requests in flight.
+    """
+
+    isLeaf = True
+
+    def __init__(self, gateway: Gateway) -> None:
+        super().__init__()
+        self._gateway = gateway
+
+    def render_GET(self, request: server.Request) -> bytes:
+        return json_response(request, 200, {"backends": self._gateway.backend_states()})
+
+
 class AdminRoot(Resource):
     """The admin listener's root: its children are the admin endpoints."""
 
@@ -57,6 +74,7 @@ class AdminRoot(Resource):
         super().__init__()
         self.gateway = gateway
         self.putChild(b"health", HealthResource(gateway))
+        self.putChild(b"backends", BackendsResource(gateway))
 
     def render_GET(self, request: server.Request) -> bytes:
         return json_response(

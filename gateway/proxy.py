@@ -30,6 +30,7 @@ from gateway.forwarding import (
     upstream_headers,
 )
 from gateway.pipeline import Answer
+from gateway.retry import RETRIABLE_STATUSES, backoff, should_retry
 from gateway.routing import host_of, normalise_path, split_target
 from gateway.state import Gateway, ServiceRuntime
 
@@ -214,79 +215,192 @@ class ProxyResource(Resource):
         request.finish()
 
     # -- forwarding --------------------------------------------------------
+    #
+    # One client request may take several attempts. Each attempt picks a
+    # usable backend not tried yet, takes its breaker's permission, and is
+    # sent with a timeout of min(per-try timeout, time left of the overall
+    # timeout). A failed attempt is retried when gateway.retry.should_retry
+    # allows it (connect failures for any method; resets, timeouts and
+    # 502/503/504 answers for idempotent methods or routes that allow it),
+    # retries are left, time is left, an untried backend is usable and the
+    # service's retry budget has room; after a jittered exponential backoff.
+    # Retries after a connect failure are not charged to the budget: nothing
+    # reached any backend, so they cannot multiply its load, and when one
+    # backend of several dies, every request that picked it in the moment
+    # before it is taken out would otherwise compete for a budget sized
+    # for real retries.
+    # A retried 5xx answer's body is discarded and its slot released:
+    # nothing reaches the client before the attempt that is answered.
 
     def _forward(self, request, context: RequestContext) -> None:
         route = context.route
         runtime = context.snapshot.services[route.service]
-        headers = request.requestHeaders
         path = context.path
         if route.strip_prefix and route.match.path_prefix != "/":
             path = path[len(route.match.path_prefix.encode("utf-8")):] or b"/"
             if not path.startswith(b"/"):
                 path = b"/" + path
-
-        backend = runtime.balancer.pick(runtime.available(), context.client_ip.encode("ascii", "replace"))
-        if backend is None:
-            context.error = "no backend available"
-            self._answer(
-                request,
-                context,
-                Answer.error_(503, "no healthy backend", ((b"Retry-After", b"1"),)),
-            )
-            return
-        context.backend = backend
-
-        forwarded = upstream_headers(
-            headers,
-            client_ip=context.client_ip,
-            proto=b"https" if request.isSecure() else b"http",
-            host=context.host,
-            preserve_host=route.preserve_host,
-            backend=backend,
-        )
-        forwarded.setRawHeaders(b"X-Request-Id", [context.request_id.encode("ascii")])
+        headers = request.requestHeaders
         body = None
         if headers.hasHeader(b"content-length") or headers.hasHeader(b"transfer-encoding"):
             body = request.content.getvalue()
             context.bytes_in = len(body)
 
-        context.upstream_started = self._clock.seconds()
-        sent = runtime.forwarder.request(
-            request.method,
-            backend,
-            path + context.query,
-            forwarded,
-            body,
-            runtime.service.timeouts.response,
+        service = runtime.service
+        overall = route.timeout if route.timeout is not None else service.timeouts.response
+        per_try = route.retries.per_try_timeout
+        if per_try is None:
+            per_try = service.timeouts.per_try
+        exchange = _Exchange(
+            runtime=runtime,
+            target=path + context.query,
+            body=body,
+            key=runtime.hash_key(context.client_ip, request.getHeader, request.getCookie, context.path),
+            deadline=self._clock.seconds() + overall,
+            per_try=per_try,
         )
-        state = {"relay": None}
+        runtime.budget.request_started()
 
-        def client_gone(failure: Failure) -> None:
-            # The client went away: stop the backend request or body.
-            if not sent.called:
-                sent.cancel()
-            elif state["relay"] is not None and state["relay"].transport is not None:
-                state["relay"].transport.stopProducing()
+        def finished(result):
+            exchange.end_retry()
+            runtime.budget.request_finished()
+            if isinstance(result, Failure):
+                exchange.client_gone()
 
-        request.notifyFinish().addErrback(client_gone)
+        request.notifyFinish().addBoth(finished)
+        self._attempt(request, context, exchange)
+
+    def _attempt(self, request, context: RequestContext, exchange: "_Exchange") -> None:
+        exchange.waiting = None
+        if request._disconnected:
+            return
+        runtime = exchange.runtime
+        backend = self._choose(runtime, exchange)
+        remaining = exchange.deadline - self._clock.seconds()
+        if backend is None or remaining <= 0:
+            exchange.end_retry()
+            if backend is not None:
+                runtime.release(backend)
+            if exchange.last_error is not None:
+                self._answer_error(request, context, exchange.last_error)
+            elif backend is None:
+                context.error = "no backend available"
+                retry_after = b"%d" % runtime.retry_after()
+                self._answer(
+                    request,
+                    context,
+                    Answer.error_(503, "no healthy backend", ((b"Retry-After", retry_after),)),
+                )
+            else:
+                self._answer_error(
+                    request, context, UpstreamError(504, "backend response timed out", "timeout")
+                )
+            return
+        exchange.tried.append(backend)
+        context.backend = backend
+        forwarded = upstream_headers(
+            request.requestHeaders,
+            client_ip=context.client_ip,
+            proto=b"https" if request.isSecure() else b"http",
+            host=context.host,
+            preserve_host=context.route.preserve_host,
+            backend=backend,
+        )
+        forwarded.setRawHeaders(b"X-Request-Id", [context.request_id.encode("ascii")])
+        if not context.upstream_started:
+            context.upstream_started = self._clock.seconds()
+        timeout = remaining if exchange.per_try is None else min(exchange.per_try, remaining)
+        sent = exchange.sent = runtime.forwarder.request(
+            request.method, backend, exchange.target, forwarded, exchange.body, timeout
+        )
         sent.addCallbacks(
-            self._respond,
-            self._upstream_failed,
-            callbackArgs=(request, context, runtime, backend, state),
-            errbackArgs=(request, context),
+            self._got_response,
+            self._attempt_failed,
+            callbackArgs=(request, context, exchange, backend),
+            errbackArgs=(request, context, exchange, backend),
         )
+        sent.addErrback(self._internal_error, request, context)
 
-    def _respond(self, response, request, context, runtime: ServiceRuntime, backend, state):
-        context.upstream_ended = self._clock.seconds()
-        context.status = response.code
+    def _choose(self, runtime: ServiceRuntime, exchange: "_Exchange") -> Optional[Backend]:
+        """
+        A usable backend not tried yet whose breaker lets the request
+        through (its permission taken), or None.
+        """
+        candidates = [b for b in runtime.available() if b not in exchange.tried]
+        while candidates:
+            backend = runtime.balancer.pick(candidates, exchange.key)
+            if backend is None:
+                return None
+            if runtime.acquire(backend):
+                return backend
+            candidates = [b for b in candidates if b != backend]
+        return None
+
+    def _may_retry(
+        self, request, context, exchange: "_Exchange", outcome: str, status=None, charged=True
+    ) -> bool:
+        policy = context.route.retries
+        runtime = exchange.runtime
+        if context.retries >= policy.max_retries:
+            return False
+        if not should_retry(request.method, outcome, status, policy.non_idempotent):
+            return False
+        if exchange.deadline - self._clock.seconds() <= 0:
+            return False
+        if not any(b not in exchange.tried for b in runtime.available()):
+            return False
+        if charged and not runtime.budget.can_retry():
+            _log.debug(
+                "retry budget of {service} exhausted",
+                event="retry_budget_exhausted",
+                service=runtime.service.name,
+                request_id=context.request_id,
+            )
+            return False
+        return True
+
+    def _retry(self, request, context: RequestContext, exchange: "_Exchange", charged: bool) -> None:
+        policy = context.route.retries
+        context.retries += 1
+        if charged:
+            exchange.runtime.budget.retry_started()
+            exchange.retrying = True
+        delay = backoff(context.retries - 1, policy.backoff_base, policy.backoff_max, self._gateway.rng)
+        delay = min(delay, max(0.0, exchange.deadline - self._clock.seconds()))
+        exchange.waiting = self._clock.callLater(delay, self._attempt, request, context, exchange)
+
+    def _got_response(self, response, request, context, exchange: "_Exchange", backend) -> None:
+        exchange.sent = None
+        exchange.end_retry()
+        runtime = exchange.runtime
+        runtime.record(backend, ok=response.code < 500)
         if request._disconnected:
             response.deliverBody(_Discard())
             runtime.forwarder.limits.release(backend)
             return
+        if response.code in RETRIABLE_STATUSES and self._may_retry(
+            request, context, exchange, "status", response.code
+        ):
+            response.deliverBody(_Discard())
+            runtime.forwarder.limits.release(backend)
+            exchange.last_error = UpstreamError(
+                response.code, f"backend answered {response.code}", "status"
+            )
+            _log.debug(
+                "retrying after {status} from {backend}", status=response.code,
+                backend=backend.url, request_id=context.request_id,
+            )
+            self._retry(request, context, exchange, charged=True)
+            return
+        self._respond(response, request, context, runtime, backend, exchange)
+
+    def _respond(self, response, request, context, runtime: ServiceRuntime, backend, exchange):
+        context.upstream_ended = self._clock.seconds()
+        context.status = response.code
         request.setResponseCode(response.code, response.phrase)
         copy_response_headers(response, request.responseHeaders, request.method)
         self._response_filters(request, context)
-        relay = state["relay"] = BodyRelay(request)
+        relay = exchange.relay = BodyRelay(request)
         response.deliverBody(relay)
 
         def body_ended(_: None) -> None:
@@ -309,18 +423,45 @@ class ProxyResource(Resource):
 
         relay.done.addCallback(body_ended)
 
-    def _upstream_failed(self, failure: Failure, request, context) -> None:
+    def _attempt_failed(self, failure: Failure, request, context, exchange: "_Exchange", backend):
+        exchange.sent = None
+        exchange.end_retry()
+        runtime = exchange.runtime
         context.upstream_ended = self._clock.seconds()
-        if request._disconnected:
+        if request._disconnected or not failure.check(UpstreamError):
+            runtime.release(backend)
+            if not request._disconnected:
+                self._internal_error(failure, request, context)
             return
-        if failure.check(UpstreamError):
-            error = failure.value
-            context.error = error.reason
-            self._answer(request, context, Answer.error_(error.status, error.reason))
+        error = failure.value
+        if error.kind == "overload":
+            # The gateway's own connection cap, not the backend's fault.
+            # Nothing was sent, so any method may be retried; but the
+            # backends are busy, so the retry is charged to the budget.
+            runtime.release(backend)
+            outcome, charged = "connect_failure", True
+        else:
+            runtime.record(backend, ok=False)
+            outcome, charged = error.kind, error.kind != "connect_failure"
+        exchange.last_error = error
+        if self._may_retry(request, context, exchange, outcome, charged=charged):
+            _log.debug(
+                "retrying after {kind} from {backend}", kind=error.kind,
+                backend=backend.url, request_id=context.request_id,
+            )
+            self._retry(request, context, exchange, charged)
             return
+        self._answer_error(request, context, error)
+
+    def _answer_error(self, request, context, error: UpstreamError) -> None:
+        context.error = error.reason
+        self._answer(request, context, Answer.error_(error.status, error.reason))
+
+    def _internal_error(self, failure: Failure, request, context) -> None:
         _log.failure("unexpected forwarding failure", failure, request_id=context.request_id)
         context.error = "internal error"
-        self._answer(request, context, Answer.error_(500, "internal gateway error"))
+        if not request._disconnected:
+            self._answer(request, context, Answer.error_(500, "internal gateway error"))
 
     def _finished(self, result, request, context: RequestContext) -> None:
         context.ended = self._clock.seconds()
@@ -334,6 +475,56 @@ class ProxyResource(Resource):
             except Exception:
                 _log.failure("request observer failed", request_id=context.request_id)
         return None
+
+
+class _Exchange:
+    """
+    The forwarding state of one client request across its attempts.
+
+    @ivar tried: the backends tried so far, in order.
+    @ivar deadline: the reactor time by which response headers must come.
+    @ivar per_try: seconds one attempt may take, or None.
+    @ivar last_error: the L{UpstreamError} of the latest failed attempt.
+    @ivar sent: the attempt in flight, or None.
+    @ivar waiting: the delayed call of a retry's backoff, or None.
+    @ivar relay: the L{BodyRelay} streaming the answer, once there is one.
+    @ivar retrying: a retry counted in the budget has not ended yet.
+    """
+
+    __slots__ = (
+        "runtime", "target", "body", "key", "deadline", "per_try", "tried",
+        "last_error", "sent", "waiting", "relay", "retrying",
+    )
+
+    def __init__(self, runtime, target, body, key, deadline, per_try) -> None:
+        self.runtime = runtime
+        self.target = target
+        self.body = body
+        self.key = key
+        self.deadline = deadline
+        self.per_try = per_try
+        self.tried: list = []
+        self.last_error: Optional[UpstreamError] = None
+        self.sent: Optional[Deferred] = None
+        self.waiting = None
+        self.relay: Optional[BodyRelay] = None
+        self.retrying = False
+
+    def end_retry(self) -> None:
+        """The retry in progress, if any, has ended: give back its budget."""
+        if self.retrying:
+            self.retrying = False
+            self.runtime.budget.retry_finished()
+
+    def client_gone(self) -> None:
+        """Stop whatever is in progress: attempt, backoff wait or body."""
+        if self.waiting is not None and self.waiting.active():
+            self.waiting.cancel()
+            self.waiting = None
+        if self.sent is not None and not self.sent.called:
+            self.sent.cancel()
+        if self.relay is not None and self.relay.transport is not None:
+            self.relay.transport.stopProducing()
 
 
 class _Discard:
