@@ -57,6 +57,9 @@ class AdminRoot(Resource):
         super().__init__()
         self.gateway = gateway
         self.putChild(b"health", HealthResource(gateway))
+        for f in gateway.filters:
+            for name, resource in getattr(f, "admin_children", {}).items():
+                self.putChild(name, resource)
 
     def render_GET(self, request: server.Request) -> bytes:
         return json_response(

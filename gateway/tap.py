@@ -5,6 +5,7 @@ C{twistd -n gateway --config etc/gateway.yaml} (or C{twist gateway ...})
 builds the tree with L{makeService}::
 
     GatewayService (MultiService)
+      ├─ filter services    (each request filter's C{service}, if any)
       ├─ admin listener     (StreamServerEndpointService, admin.listen)
       └─ main listener      (StreamServerEndpointService, listen)  added last, stops first
 """
@@ -148,6 +149,10 @@ def makeService(options: Options, reactor=None) -> GatewayService:
     config: Config = getattr(options, "config", None) or load_config(options["config"])
     gateway = Gateway(reactor, config)
     root = GatewayService(gateway)
+    for f in gateway.filters:  # their services start before the listeners
+        service = getattr(f, "service", None)
+        if service is not None:
+            service.setServiceParent(root)
 
     if config.admin.listen:
         admin = StreamServerEndpointService(
