@@ -643,6 +643,9 @@ class CacheFilter:
         x.key = cache_key(method, context.host, target, route.name.encode("utf-8"))
         x.request_headers = tuple(headers_from_twisted(request.requestHeaders))
         d = x.store.get(x.key)
+        if conf.redis is not None:
+            # Bound the wait for a busy thread pool too, not only the socket.
+            d.addTimeout(conf.redis.timeout * 2, self._clock)
         d.addCallbacks(
             self._decide,
             self._read_failed,
