@@ -472,6 +472,7 @@ def test_redis_down_degrades_to_no_cache(backends, dedicated):
         assert admin_stats(gw)["store_errors"] >= 2
     finally:
         assert gw.stop() == 0, gw.log()
+    assert "Traceback" not in gw.log(), gw.log()
 
 
 # --- memory bound ----------------------------------------------------------------
@@ -513,3 +514,4 @@ def test_memory_store_byte_limit_holds(backends, dedicated):
         assert growth_mib < 48, f"gateway RSS grew by {growth_mib:.0f} MiB"
     finally:
         assert gw.stop() == 0, gw.log()
+    assert "Traceback" not in gw.log(), gw.log()
