@@ -75,6 +75,9 @@ class AdminRoot(Resource):
         self.gateway = gateway
         self.putChild(b"health", HealthResource(gateway))
         self.putChild(b"backends", BackendsResource(gateway))
+        for f in gateway.filters:
+            for name, resource in getattr(f, "admin_children", {}).items():
+                self.putChild(name, resource)
 
     def render_GET(self, request: server.Request) -> bytes:
         return json_response(

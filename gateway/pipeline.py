@@ -19,9 +19,22 @@ A filter is an object with (all optional but C{name}):
   - C{on_response(request, context)}: called once response headers are
     set (by the backend or an L{Answer}) and before they are written; it
     may add, change or remove C{request.responseHeaders}.
+  - C{on_upstream_response(request, context, response)}: called with the
+    backend's L{IResponse} before it is relayed. Returns None to relay it;
+    an L{Answer} to answer with instead (the backend body is discarded); a
+    wrapper of C{response} to relay in its place (it must deliver the same
+    body: the proxy still releases the backend's connection slot when the
+    body ends); or a Deferred firing with one of these. The first filter
+    that returns something other than None decides.
+  - C{on_upstream_failure(request, context, failure)}: called when no
+    response came (a L{gateway.forwarding.UpstreamError}); returns None for
+    the usual error answer, or an L{Answer} (or a Deferred firing with
+    either) to send instead.
   - C{reconfigure(snapshot)}: called after a config reload.
   - C{service}: an L{IService} started with the gateway (GC loops,
     fetchers); None for none.
+  - C{admin_children}: a mapping of path segment (L{bytes}) to a
+    L{Resource} put on the admin listener (C{/cache}, ...).
 
 Per-route settings come from C{context.route.options[NAME]} (see
 L{gateway.config.register}); per-request state goes in C{context.notes}.

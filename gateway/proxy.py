@@ -15,7 +15,7 @@ import json
 import os
 from typing import Optional
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
@@ -397,6 +397,48 @@ class ProxyResource(Resource):
     def _respond(self, response, request, context, runtime: ServiceRuntime, backend, exchange):
         context.upstream_ended = self._clock.seconds()
         context.status = response.code
+        decided = self._ask_upstream_filters("on_upstream_response", request, context, response)
+        decided.addCallback(self._relay_or_answer, response, request, context, runtime, backend, exchange)
+        decided.addErrback(self._upstream_filter_failed, response, request, context, runtime, backend)
+
+    def _ask_upstream_filters(self, hook: str, request, context, outcome) -> Deferred:
+        """
+        Offer a backend's response (or failure) to the filters that define
+        C{hook}, in pipeline order; the first that returns something other
+        than None decides.
+
+        @return: fires with None (carry on) or that filter's result.
+        """
+        for f in self._gateway.filters:
+            ask = getattr(f, hook, None)
+            if ask is None:
+                continue
+            try:
+                result = ask(request, context, outcome)
+            except Exception:
+                return fail()
+            if isinstance(result, Deferred):
+                return result
+            if result is not None:
+                return succeed(result)
+        return succeed(None)
+
+    def _relay_or_answer(self, verdict, response, request, context, runtime, backend, exchange) -> None:
+        if isinstance(verdict, Answer) or request._disconnected:
+            response.deliverBody(_Discard())
+            runtime.forwarder.limits.release(backend)
+            if isinstance(verdict, Answer):
+                self._answer(request, context, verdict)
+            return
+        self._relay(verdict or response, request, context, runtime, backend, exchange)
+
+    def _upstream_filter_failed(self, failure, response, request, context, runtime, backend) -> None:
+        response.deliverBody(_Discard())
+        runtime.forwarder.limits.release(backend)
+        self._filter_failed(failure, request, context)
+
+    def _relay(self, response, request, context, runtime: ServiceRuntime, backend, exchange) -> None:
+        """Stream a backend response (or a filter's wrapper of it) to the client."""
         request.setResponseCode(response.code, response.phrase)
         copy_response_headers(response, request.responseHeaders, request.method)
         self._response_filters(request, context)
@@ -454,8 +496,18 @@ class ProxyResource(Resource):
         self._answer_error(request, context, error)
 
     def _answer_error(self, request, context, error: UpstreamError) -> None:
+        """
+        Answer a request that got no usable backend response, unless a
+        filter (the cache's stale-if-error) answers it instead.
+        """
         context.error = error.reason
-        self._answer(request, context, Answer.error_(error.status, error.reason))
+        decided = self._ask_upstream_filters("on_upstream_failure", request, context, Failure(error))
+        decided.addCallback(
+            lambda answer: self._answer(
+                request, context, answer or Answer.error_(error.status, error.reason)
+            )
+        )
+        decided.addErrback(self._filter_failed, request, context)
 
     def _internal_error(self, failure: Failure, request, context) -> None:
         _log.failure("unexpected forwarding failure", failure, request_id=context.request_id)

@@ -6,6 +6,7 @@ builds the tree with L{makeService}::
 
     GatewayService (MultiService)
       ├─ health checks      (HealthChecks: one LoopingCall per service with a health_check)
+      ├─ filter services    (each request filter's C{service}, if any)
       ├─ admin listener     (StreamServerEndpointService, admin.listen)
       └─ main listener      (StreamServerEndpointService, listen)  added last, stops first
 """
@@ -179,6 +180,10 @@ def makeService(options: Options, reactor=None) -> GatewayService:
     root = GatewayService(gateway)
     # Before the listeners: probes start before the first client request.
     HealthChecks(gateway).setServiceParent(root)
+    for f in gateway.filters:  # their services start before the listeners
+        service = getattr(f, "service", None)
+        if service is not None:
+            service.setServiceParent(root)
 
     if config.admin.listen:
         admin = StreamServerEndpointService(
