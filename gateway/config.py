@@ -313,6 +313,14 @@ def size(where: Where, value: Any) -> int:
     raise where.error(f"expected a size such as 1048576 or 10MiB, got {value!r}")
 
 
+def default_of(cls: type, name: str) -> Any:
+    """
+    The default of attrs field C{name} of C{cls}. (On a slotted attrs class,
+    C{cls.name} is the slot's descriptor, not the default.)
+    """
+    return attrs.fields_dict(cls)[name].default
+
+
 # --- sections contributed by feature modules -----------------------------------
 
 
@@ -574,8 +582,8 @@ def _backend(where: Where, value: Any) -> Backend:
 def _timeouts(where: Where, value: Any) -> Timeouts:
     section = Section(where, value)
     result = Timeouts(
-        connect=section.take("connect", positive_duration, Timeouts.connect),
-        response=section.take("response", positive_duration, Timeouts.response),
+        connect=section.take("connect", positive_duration, default_of(Timeouts, "connect")),
+        response=section.take("response", positive_duration, default_of(Timeouts, "response")),
     )
     section.finish()
     return result
@@ -704,7 +712,7 @@ def _endpoint(where: Where, value: Any) -> str:
 
 def _admin(where: Where, value: Any) -> Admin:
     section = Section(where, value)
-    admin = Admin(listen=section.take("listen", _endpoint, Admin.listen))
+    admin = Admin(listen=section.take("listen", _endpoint, default_of(Admin, "listen")))
     section.finish()
     return admin
 
@@ -712,7 +720,7 @@ def _admin(where: Where, value: Any) -> Admin:
 def _limits(where: Where, value: Any) -> Limits:
     section = Section(where, value)
     limits = Limits(
-        max_request_body=section.take("max_request_body", size, Limits.max_request_body)
+        max_request_body=section.take("max_request_body", size, default_of(Limits, "max_request_body"))
     )
     section.finish()
     return limits
