@@ -12,7 +12,6 @@ never a traceback, never a hang.
 from __future__ import annotations
 
 import json
-import os
 from typing import Optional
 
 from twisted.internet.defer import Deferred
@@ -30,22 +29,13 @@ from gateway.forwarding import (
     upstream_headers,
 )
 from gateway.pipeline import Answer
+from gateway.requestid import REQUEST_ID_HEADER, request_id as choose_request_id
 from gateway.routing import host_of, normalise_path, split_target
 from gateway.state import Gateway, ServiceRuntime
 
 _log = Logger()
 
 _NO_BODY_STATUSES = frozenset([204, 304])
-_REQUEST_ID_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")
-
-
-def _valid_request_id(value: bytes) -> bool:
-    return 0 < len(value) <= 128 and not value.translate(None, bytes(_REQUEST_ID_CHARS))
-
-
-def new_request_id() -> str:
-    """A fresh request ID: 32 hex digits from the OS's random source."""
-    return os.urandom(16).hex()
 
 
 class RequestContext:
@@ -111,12 +101,9 @@ class ProxyResource(Resource):
     def render(self, request: server.Request):
         snapshot = self._gateway.snapshot
         headers = request.requestHeaders
-        incoming_id = headers.getRawHeaders(b"x-request-id")
-        if incoming_id and _valid_request_id(incoming_id[0]):
-            request_id = incoming_id[0].decode("ascii")
-        else:
-            request_id = new_request_id()
-        request.responseHeaders.setRawHeaders(b"X-Request-Id", [request_id.encode("ascii")])
+        raw_id = choose_request_id(headers)
+        request_id = raw_id.decode("ascii")
+        request.responseHeaders.setRawHeaders(REQUEST_ID_HEADER, [raw_id])
         request.responseHeaders.removeHeader(b"server")
         address = request.getClientAddress()
         client_ip = getattr(address, "host", "") or ""
@@ -244,7 +231,7 @@ class ProxyResource(Resource):
             preserve_host=route.preserve_host,
             backend=backend,
         )
-        forwarded.setRawHeaders(b"X-Request-Id", [context.request_id.encode("ascii")])
+        forwarded.setRawHeaders(REQUEST_ID_HEADER, [context.request_id.encode("ascii")])
         body = None
         if headers.hasHeader(b"content-length") or headers.hasHeader(b"transfer-encoding"):
             body = request.content.getvalue()
@@ -378,11 +365,7 @@ class GatewayRequest(server.Request):
     def _refuse(self) -> None:
         self._too_large = True
         self.content = _NullFile()
-        incoming = self.requestHeaders.getRawHeaders(b"x-request-id")
-        if incoming and _valid_request_id(incoming[0]):
-            request_id = incoming[0].decode("ascii")
-        else:
-            request_id = new_request_id()
+        request_id = choose_request_id(self.requestHeaders).decode("ascii")
         body = json.dumps(
             {"error": "request body too large", "request_id": request_id}
         ).encode("utf-8")
