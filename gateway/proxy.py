@@ -50,6 +50,7 @@ class RequestContext:
         "status", "started", "upstream_started", "upstream_ended", "ended",
         "bytes_in", "bytes_out", "error", "consumer", "retries", "cache",
         "query", "host", "snapshot", "notes",
+        "upstream_headers", "upstream_remove", "upstream_path",
     )
 
     def __init__(self, request_id: str, method: bytes, path: bytes, client_ip: str, started: float):
@@ -79,6 +80,54 @@ class RequestContext:
         self.snapshot = None
         #: Per-request state of filters, by filter name.
         self.notes: dict = {}
+        #: Headers request filters add to the forwarded request:
+        #: C{(name, value)} byte pairs, see L{apply_upstream_headers}.
+        self.upstream_headers: list = []
+        #: Lower-case header names request filters remove from the
+        #: forwarded request, see L{apply_upstream_headers}.
+        self.upstream_remove: set = set()
+        #: The path (without query) to forward, set by a filter that
+        #: rewrites it; None forwards L{route_path}C{(route, path)}.
+        self.upstream_path: Optional[bytes] = None
+
+
+def route_path(route: Route, path: bytes) -> bytes:
+    """
+    The path a route forwards a request for C{path} to: C{path} itself, or
+    without the route's prefix when the route strips it (C{b"/"} at least).
+
+    @param path: the normalised request path, without the query.
+    """
+    if route.strip_prefix and route.match.path_prefix != "/":
+        path = path[len(route.match.path_prefix.encode("utf-8")):] or b"/"
+        if not path.startswith(b"/"):
+            path = b"/" + path
+    return path
+
+
+def apply_upstream_headers(headers, remove, extra) -> None:
+    """
+    Apply the header changes request filters asked for to the headers of
+    the forwarded request, after the gateway has built them.
+
+    First every header named in C{remove} is removed; then the pairs of
+    C{extra}, in order: the first pair of a name replaces any header of
+    that name, later pairs of the same name add values to it.
+
+    @param headers: the upstream L{Headers}, changed in place.
+    @param remove: lower-case header names (C{context.upstream_remove}).
+    @param extra: C{(name, value)} byte pairs (C{context.upstream_headers}).
+    """
+    for name in remove:
+        headers.removeHeader(name)
+    seen = set()
+    for name, value in extra:
+        key = name.lower()
+        if key in seen:
+            headers.addRawHeader(name, value)
+        else:
+            seen.add(key)
+            headers.setRawHeaders(name, [value])
 
 
 class ProxyResource(Resource):
@@ -206,11 +255,9 @@ class ProxyResource(Resource):
         route = context.route
         runtime = context.snapshot.services[route.service]
         headers = request.requestHeaders
-        path = context.path
-        if route.strip_prefix and route.match.path_prefix != "/":
-            path = path[len(route.match.path_prefix.encode("utf-8")):] or b"/"
-            if not path.startswith(b"/"):
-                path = b"/" + path
+        path = context.upstream_path
+        if path is None:
+            path = route_path(route, context.path)
 
         backend = runtime.balancer.pick(runtime.available(), context.client_ip.encode("ascii", "replace"))
         if backend is None:
@@ -232,6 +279,7 @@ class ProxyResource(Resource):
             backend=backend,
         )
         forwarded.setRawHeaders(REQUEST_ID_HEADER, [context.request_id.encode("ascii")])
+        apply_upstream_headers(forwarded, context.upstream_remove, context.upstream_headers)
         body = None
         if headers.hasHeader(b"content-length") or headers.hasHeader(b"transfer-encoding"):
             body = request.content.getvalue()
