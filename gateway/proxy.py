@@ -17,7 +17,7 @@ from typing import Optional
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import server
+from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from gateway.config import Backend, Route
@@ -29,7 +29,7 @@ from gateway.forwarding import (
     upstream_headers,
 )
 from gateway.pipeline import Answer
-from gateway.requestid import REQUEST_ID_HEADER, request_id as choose_request_id
+from gateway.requestid import REQUEST_ID_HEADER, new_request_id, request_id as choose_request_id
 from gateway.routing import host_of, normalise_path, split_target
 from gateway.state import Gateway, ServiceRuntime
 
@@ -413,21 +413,148 @@ class GatewayRequest(server.Request):
     def _refuse(self) -> None:
         self._too_large = True
         self.content = _NullFile()
-        request_id = choose_request_id(self.requestHeaders).decode("ascii")
-        body = json.dumps(
-            {"error": "request body too large", "request_id": request_id}
-        ).encode("utf-8")
-        self.channel.transport.write(
-            b"HTTP/1.1 413 Content Too Large\r\nContent-Type: application/json\r\n"
-            b"X-Request-Id: %s\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
-            % (request_id.encode("ascii"), len(body), body)
+        refuse_connection(
+            self.channel.transport, 413, "request body too large", self.requestHeaders
         )
-        self.channel.transport.loseConnection()
 
     def requestReceived(self, command, path, version) -> None:
         if self._too_large:
             return
         super().requestReceived(command, path, version)
+
+
+_PHRASES = {
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    431: b"Request Header Fields Too Large",
+}
+
+
+def refuse_connection(transport, status: int, message: str, headers=None) -> None:
+    """
+    Answer a request the channel will not read to its end with a JSON
+    error, then close the connection: the rest of what the client sends
+    (body, headers) is never read, so the connection cannot be reused.
+
+    @param transport: the client connection.
+    @param status: one of 408, 413, 414, 431.
+    @param message: the C{error} of the JSON body.
+    @param headers: the request headers received so far (their valid
+        C{X-Request-Id} is kept), or None.
+    """
+    raw_id = choose_request_id(headers) if headers is not None else new_request_id().encode("ascii")
+    request_id = raw_id.decode("ascii")
+    body = json.dumps({"error": message, "request_id": request_id}).encode("utf-8")
+    transport.write(
+        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
+        b"X-Request-Id: %s\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+        % (status, _PHRASES[status], raw_id, len(body), body)
+    )
+    transport.loseConnection()
+    peer = transport.getPeer()
+    _log.info(
+        "refused a request from {client} with {status}: {reason}",
+        client=getattr(peer, "host", str(peer)),
+        status=status,
+        reason=message,
+        request_id=request_id,
+    )
+
+
+class GatewayChannel(http.HTTPChannel):
+    """
+    The main listener's HTTP/1.1 channel, enforcing the configured
+    C{limits} (read from the gateway's snapshot when the connection opens):
+
+      - more than C{max_header_count} header fields, or more than
+        C{max_header_bytes} of request line and fields: 431 (414 when the
+        request line alone is too long), where Twisted would send a bare 400;
+      - C{client_header_timeout}: the headers of a request must arrive
+        within this many seconds of its first byte, or the client gets 408
+        (a slowloris client trickling bytes would never trip the idle
+        timeout, which each byte resets);
+      - C{client_idle_timeout}: Twisted's idle timeout (C{timeOut}).
+
+    Each refusal is answered with L{refuse_connection}: a JSON body with a
+    request ID, then the connection is closed.
+    """
+
+    _header_timeout: Optional[float] = None
+    _header_call = None
+
+    def connectionMade(self) -> None:
+        limits = self.site.gateway.snapshot.config.limits
+        self.maxHeaders = limits.max_header_count
+        self.totalHeadersSize = limits.max_header_bytes
+        # LineReceiver drops a longer line (one header, or the request line)
+        # with no answer at all; lineLengthExceeded answers instead.
+        self.MAX_LENGTH = limits.max_header_bytes
+        self.timeOut = limits.client_idle_timeout or None
+        self._header_timeout = limits.client_header_timeout or None
+        super().connectionMade()
+
+    def dataReceived(self, data: bytes) -> None:
+        if (
+            self._header_call is None
+            and self._header_timeout is not None
+            and self.line_mode
+            and not self._handlingRequest
+        ):
+            self._header_call = self.callLater(self._header_timeout, self._headers_too_slow)
+        super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+            self._too_large(first_line=self._receivedHeaderSize == 0)
+            return
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._too_large(first_line=self._receivedHeaderSize == 0)
+
+    def headerReceived(self, line: bytes) -> bool:
+        if self._receivedHeaderCount >= self.maxHeaders:
+            self._refuse(431, "too many request header fields")
+            return False
+        return super().headerReceived(line)
+
+    def allHeadersReceived(self) -> None:
+        self._cancel_header_timeout()
+        super().allHeadersReceived()
+
+    def connectionLost(self, reason) -> None:
+        self._cancel_header_timeout()
+        super().connectionLost(reason)
+
+    def _cancel_header_timeout(self) -> None:
+        call, self._header_call = self._header_call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _headers_too_slow(self) -> None:
+        self._header_call = None
+        if self.transport.disconnecting:
+            return
+        self._refuse(408, "request headers not received in time")
+
+    def _too_large(self, first_line: bool) -> None:
+        if first_line:
+            self._refuse(414, "request line too long")
+        else:
+            self._refuse(431, "request header fields too large")
+
+    def _refuse(self, status: int, message: str) -> None:
+        self._cancel_header_timeout()
+        headers = self.requests[-1].requestHeaders if self.requests else None
+        # Stop parsing: nothing more this client sends is read.
+        self.dataReceived = self.lineReceived = lambda *args: None
+        refuse_connection(self.transport, status, message, headers)
+
+
+def _channel_factory(site) -> http._GenericHTTPChannelProtocol:
+    # What Site.protocol normally does, with our channel inside.
+    return http._GenericHTTPChannelProtocol(GatewayChannel())
 
 
 class _NullFile:
@@ -455,6 +582,7 @@ class GatewaySite(server.Site):
     """
 
     requestFactory = GatewayRequest
+    protocol = _channel_factory
     noisy = False
 
     def __init__(self, gateway: Gateway, **kwargs) -> None:
