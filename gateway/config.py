@@ -365,7 +365,10 @@ SERVICE_EXTENSIONS: dict[str, Extension] = {}
 ROUTE_EXTENSIONS: dict[str, Extension] = {}
 
 #: Feature modules imported before parsing, so that they register their keys.
-FEATURE_MODULES: list[str] = []
+FEATURE_MODULES: list[str] = [
+    "gateway.filters.security_headers",
+    "gateway.filters.ip_rules",
+]
 
 
 def register(level: str, extension: Extension) -> Extension:
