@@ -368,6 +368,7 @@ ROUTE_EXTENSIONS: dict[str, Extension] = {}
 FEATURE_MODULES: list[str] = [
     "gateway.filters.security_headers",
     "gateway.filters.ip_rules",
+    "gateway.filters.cors",
     "gateway.filters.auth",
 ]
 

@@ -21,6 +21,7 @@ from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from gateway.config import Backend, Route
+from gateway.cors import is_preflight
 from gateway.forwarding import (
     BodyRelay,
     UpstreamError,
@@ -36,6 +37,10 @@ from gateway.state import Gateway, ServiceRuntime
 _log = Logger()
 
 _NO_BODY_STATUSES = frozenset([204, 304])
+
+#: C{context.notes} key set when a CORS preflight matched its route by the
+#: method it asks about (C{Access-Control-Request-Method}), not by OPTIONS.
+PREFLIGHT_BY_REQUESTED_METHOD = "preflight_by_requested_method"
 
 
 class RequestContext:
@@ -171,6 +176,16 @@ class ProxyResource(Resource):
             return values[0] if values else None
 
         route = snapshot.router.match(request.method, path, host_of(host_header), header)
+        if route is None and is_preflight(request.method, headers):
+            # A CORS preflight asks about the method it names: a route
+            # taking only that method must see it (the CORS filter refuses
+            # it when that route has no CORS policy).
+            requested = headers.getRawHeaders(b"access-control-request-method")[0]
+            route = snapshot.router.match(
+                requested.strip().upper(), path, host_of(host_header), header
+            )
+            if route is not None:
+                context.notes[PREFLIGHT_BY_REQUESTED_METHOD] = True
         if route is None:
             context.error = "no route"
             self._answer(request, context, Answer.error_(404, "no route matches the request"))
