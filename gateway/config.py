@@ -370,6 +370,7 @@ FEATURE_MODULES: list[str] = [
     "gateway.filters.ip_rules",
     "gateway.filters.cors",
     "gateway.filters.auth",
+    "gateway.filters.rewrite",
 ]
 
 
