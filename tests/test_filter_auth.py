@@ -139,6 +139,15 @@ def test_valid_but_not_allowed_consumer_gets_403(keys):
     assert len(gw.backend.requests) == 1
 
 
+def test_keys_are_looked_for_in_the_query_not_in_form_bodies(keys):
+    gw = stub(keys)
+    r = gw.request(
+        "POST", "/r/x", body=b"api_key=dev-plain-key",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert r.code == 401
+
+
 def test_strip_credentials_false_forwards_the_key(keys):
     gw = stub(keys)
     r = gw.request("GET", "/keep/x", headers={"X-API-Key": "dev-plain-key"})

@@ -37,7 +37,7 @@ while some route still uses it.
 from __future__ import annotations
 
 from typing import Any, Mapping, Optional
-from urllib.parse import unquote_to_bytes, urlsplit
+from urllib.parse import parse_qs, unquote_to_bytes, urlsplit
 
 import attrs
 from twisted.application.service import Service
@@ -426,6 +426,11 @@ class RouteAuth:
     remove_headers: frozenset
     remove_query: frozenset
 
+    @property
+    def reads_query(self) -> bool:
+        """Whether a credential may be in the query string."""
+        return "api_key" in self.settings.methods and self.settings.api_key_query is not None
+
     @classmethod
     def build(cls, settings: AuthSettings, authenticator: Authenticator) -> "RouteAuth":
         # What Authenticator.strip removes, applied to the forwarded request
@@ -545,8 +550,11 @@ class AuthFilter:
         if settings is None:
             return None
         route_auth = self._routes[settings]
+        # The query string only: request.args also holds the fields of a
+        # form-encoded body, where no key is looked for nor stripped.
+        query_args = parse_qs(context.query[1:], keep_blank_values=True) if route_auth.reads_query else {}
         try:
-            result = route_auth.authenticator.authenticate(request.requestHeaders, request.args)
+            result = route_auth.authenticator.authenticate(request.requestHeaders, query_args)
         except Unauthorized as e:
             return self._unauthorized(e, context)
         if isinstance(result, Deferred):
