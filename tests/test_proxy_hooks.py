@@ -71,3 +71,32 @@ def test_route_path_by_default():
     assert gw.request("GET", "/api/users/7?x=1").json()["uri"] == "/users/7?x=1"
     assert gw.request("GET", "/api").json()["uri"] == "/"
 
+
+
+@pytest.mark.parametrize(
+    "sent, kept",
+    [
+        (["abc-123.x:y_z"], True),
+        (["no spaces"], False),
+        (["x" * 129], False),
+        (["a", "b"], False),  # which one was meant is unknowable
+    ],
+)
+def test_request_id_kept_when_valid_else_made_and_sent_both_ways(sent, kept):
+    from twisted.web.http_headers import Headers as H
+
+    gw = StubGateway(BASE + "routes: [{name: r, service: svc, match: {path_prefix: /x}}]")
+    headers = H()
+    for value in sent:
+        headers.addRawHeader(b"X-Request-Id", value.encode())
+    r = gw.request("GET", "/x", headers=headers)
+    request_id = r.header("X-Request-Id")
+    assert (request_id == sent[0]) is kept
+    if not kept:
+        assert len(request_id) == 32 and int(request_id, 16) >= 0
+    assert r.upstream_header("X-Request-Id") == [request_id]
+    assert gw.contexts[-1].request_id == request_id
+    answer = gw.request("GET", "/nowhere", headers=headers)
+    assert answer.code == 404
+    assert answer.json()["request_id"] == answer.header("X-Request-Id")
+    assert (answer.header("X-Request-Id") == sent[0]) is kept
