@@ -36,7 +36,7 @@ while some route still uses it.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 from urllib.parse import parse_qs, unquote_to_bytes, urlsplit
 
 import attrs
