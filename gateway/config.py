@@ -365,7 +365,15 @@ SERVICE_EXTENSIONS: dict[str, Extension] = {}
 ROUTE_EXTENSIONS: dict[str, Extension] = {}
 
 #: Feature modules imported before parsing, so that they register their keys.
-FEATURE_MODULES: list[str] = ["gateway.redisconf", "gateway.cachefilter"]
+FEATURE_MODULES: list[str] = [
+    "gateway.redisconf",
+    "gateway.filters.security_headers",
+    "gateway.filters.ip_rules",
+    "gateway.filters.cors",
+    "gateway.filters.auth",
+    "gateway.cachefilter",
+    "gateway.filters.rewrite",
+]
 
 
 def register(level: str, extension: Extension) -> Extension:
@@ -676,11 +684,29 @@ class Admin:
 @attrs.frozen
 class Limits:
     """
+    What one client may send, enforced by the main listener's channel
+    (L{gateway.proxy.GatewayChannel}) before any filter runs.
+
     @ivar max_request_body: the largest request body accepted, in bytes;
         larger ones get 413.
+    @ivar max_header_count: the most header fields in one request; more
+        get 431.
+    @ivar max_header_bytes: the most bytes of request line plus header
+        fields (without line ends) in one request; more get 431, or 414
+        when the request line alone is longer.
+    @ivar client_idle_timeout: seconds a client connection may stay silent
+        (between requests, or while sending one) before it is closed; 0
+        for never.
+    @ivar client_header_timeout: seconds from the first byte of a request
+        to the end of its headers; slower clients (slowloris) get 408 and
+        are disconnected; 0 for no limit.
     """
 
     max_request_body: int = 10 * 1024 * 1024
+    max_header_count: int = 100
+    max_header_bytes: int = 16 * 1024
+    client_idle_timeout: float = 60.0
+    client_header_timeout: float = 30.0
 
 
 @attrs.frozen
@@ -1013,10 +1039,29 @@ def _admin(where: Where, value: Any) -> Admin:
     return admin
 
 
+def _header_bytes(where: Where, value: Any) -> int:
+    limit = size(where, value)
+    if not 1024 <= limit <= 1024 * 1024:
+        raise where.error("must be between 1KiB and 1MiB")
+    return limit
+
+
 def _limits(where: Where, value: Any) -> Limits:
     section = Section(where, value)
     limits = Limits(
-        max_request_body=section.take("max_request_body", size, default_of(Limits, "max_request_body"))
+        max_request_body=section.take("max_request_body", size, default_of(Limits, "max_request_body")),
+        max_header_count=section.take(
+            "max_header_count", integer(1, 10000), default_of(Limits, "max_header_count")
+        ),
+        max_header_bytes=section.take(
+            "max_header_bytes", _header_bytes, default_of(Limits, "max_header_bytes")
+        ),
+        client_idle_timeout=section.take(
+            "client_idle_timeout", duration, default_of(Limits, "client_idle_timeout")
+        ),
+        client_header_timeout=section.take(
+            "client_header_timeout", duration, default_of(Limits, "client_header_timeout")
+        ),
     )
     section.finish()
     return limits

@@ -361,18 +361,23 @@ class ServiceForwarder:
         C{IReactorSSL} for HTTPS backends).
     @param service: the service; its C{timeouts.connect} and
         C{max_connections_per_backend} are used here.
+    @param agent: the L{IAgent} requests are sent with; None for an
+        L{Agent} over this forwarder's pool. Tests give a
+        L{treq.testing.RequestTraversalAgent}.
     """
 
-    def __init__(self, reactor, service: Service) -> None:
+    def __init__(self, reactor, service: Service, agent=None) -> None:
         self._reactor = reactor
         self.service = service
         self.pool = _Pool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = service.max_connections_per_backend
         self.pool.cachedConnectionTimeout = 60
         self.limits = ConnectionLimit(service.max_connections_per_backend)
-        self._agent = Agent.usingEndpointFactory(
-            reactor, BackendEndpoints(reactor, service.timeouts.connect), pool=self.pool
-        )
+        if agent is None:
+            agent = Agent.usingEndpointFactory(
+                reactor, BackendEndpoints(reactor, service.timeouts.connect), pool=self.pool
+            )
+        self._agent = agent
 
     def request(
         self,

@@ -8,7 +8,10 @@ forwarded, and their C{on_response} just before response headers go out.
 The documented order:
 
     0 request ID (core)  10 access log  20 IP rules  30 CORS  40 auth
-    50 rate limit  60 cache  70 circuit breaker  then forward
+    50 rate limit  60 cache  70 circuit breaker  80 rewrite  then forward
+
+(15 security headers has only C{on_response}.) C{on_response} runs in the
+same order, so a later filter has the last word on a response header.
 
 A filter is an object with (all optional but C{name}):
 
@@ -38,6 +41,21 @@ A filter is an object with (all optional but C{name}):
 
 Per-route settings come from C{context.route.options[NAME]} (see
 L{gateway.config.register}); per-request state goes in C{context.notes}.
+
+What is forwarded, a filter changes through the request's context
+(L{gateway.proxy.RequestContext}), never by editing the client's request:
+
+  - C{context.upstream_remove}: a set of lower-case header names removed
+    from the forwarded request (credentials, headers clients must not
+    forge).
+  - C{context.upstream_headers}: a list of C{(name, value)} byte pairs set
+    on the forwarded request after the gateway has built its headers
+    (C{Host}, C{X-Forwarded-*}, C{Via}, C{X-Request-Id}) and removed those
+    of C{upstream_remove}: the first pair of a name replaces that header,
+    later pairs of the same name add values.
+  - C{context.upstream_path}: the path to forward instead of the route's
+    (L{gateway.proxy.route_path}); C{context.query} is the query string
+    forwarded, with its C{?}.
 """
 
 from __future__ import annotations

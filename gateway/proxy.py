@@ -12,16 +12,16 @@ never a traceback, never a hang.
 from __future__ import annotations
 
 import json
-import os
 from typing import Optional
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import server
+from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from gateway.config import Backend, Route
+from gateway.cors import is_preflight
 from gateway.forwarding import (
     BodyRelay,
     UpstreamError,
@@ -31,22 +31,17 @@ from gateway.forwarding import (
 )
 from gateway.pipeline import Answer
 from gateway.retry import RETRIABLE_STATUSES, backoff, should_retry
+from gateway.requestid import REQUEST_ID_HEADER, new_request_id, request_id as choose_request_id
 from gateway.routing import host_of, normalise_path, split_target
 from gateway.state import Gateway, ServiceRuntime
 
 _log = Logger()
 
 _NO_BODY_STATUSES = frozenset([204, 304])
-_REQUEST_ID_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")
 
-
-def _valid_request_id(value: bytes) -> bool:
-    return 0 < len(value) <= 128 and not value.translate(None, bytes(_REQUEST_ID_CHARS))
-
-
-def new_request_id() -> str:
-    """A fresh request ID: 32 hex digits from the OS's random source."""
-    return os.urandom(16).hex()
+#: C{context.notes} key set when a CORS preflight matched its route by the
+#: method it asks about (C{Access-Control-Request-Method}), not by OPTIONS.
+PREFLIGHT_BY_REQUESTED_METHOD = "preflight_by_requested_method"
 
 
 class RequestContext:
@@ -61,6 +56,7 @@ class RequestContext:
         "status", "started", "upstream_started", "upstream_ended", "ended",
         "bytes_in", "bytes_out", "error", "consumer", "retries", "cache",
         "query", "host", "snapshot", "notes",
+        "upstream_headers", "upstream_remove", "upstream_path",
     )
 
     def __init__(self, request_id: str, method: bytes, path: bytes, client_ip: str, started: float):
@@ -90,6 +86,54 @@ class RequestContext:
         self.snapshot = None
         #: Per-request state of filters, by filter name.
         self.notes: dict = {}
+        #: Headers request filters add to the forwarded request:
+        #: C{(name, value)} byte pairs, see L{apply_upstream_headers}.
+        self.upstream_headers: list = []
+        #: Lower-case header names request filters remove from the
+        #: forwarded request, see L{apply_upstream_headers}.
+        self.upstream_remove: set = set()
+        #: The path (without query) to forward, set by a filter that
+        #: rewrites it; None forwards L{route_path}C{(route, path)}.
+        self.upstream_path: Optional[bytes] = None
+
+
+def route_path(route: Route, path: bytes) -> bytes:
+    """
+    The path a route forwards a request for C{path} to: C{path} itself, or
+    without the route's prefix when the route strips it (C{b"/"} at least).
+
+    @param path: the normalised request path, without the query.
+    """
+    if route.strip_prefix and route.match.path_prefix != "/":
+        path = path[len(route.match.path_prefix.encode("utf-8")):] or b"/"
+        if not path.startswith(b"/"):
+            path = b"/" + path
+    return path
+
+
+def apply_upstream_headers(headers, remove, extra) -> None:
+    """
+    Apply the header changes request filters asked for to the headers of
+    the forwarded request, after the gateway has built them.
+
+    First every header named in C{remove} is removed; then the pairs of
+    C{extra}, in order: the first pair of a name replaces any header of
+    that name, later pairs of the same name add values to it.
+
+    @param headers: the upstream L{Headers}, changed in place.
+    @param remove: lower-case header names (C{context.upstream_remove}).
+    @param extra: C{(name, value)} byte pairs (C{context.upstream_headers}).
+    """
+    for name in remove:
+        headers.removeHeader(name)
+    seen = set()
+    for name, value in extra:
+        key = name.lower()
+        if key in seen:
+            headers.addRawHeader(name, value)
+        else:
+            seen.add(key)
+            headers.setRawHeaders(name, [value])
 
 
 class ProxyResource(Resource):
@@ -112,12 +156,9 @@ class ProxyResource(Resource):
     def render(self, request: server.Request):
         snapshot = self._gateway.snapshot
         headers = request.requestHeaders
-        incoming_id = headers.getRawHeaders(b"x-request-id")
-        if incoming_id and _valid_request_id(incoming_id[0]):
-            request_id = incoming_id[0].decode("ascii")
-        else:
-            request_id = new_request_id()
-        request.responseHeaders.setRawHeaders(b"X-Request-Id", [request_id.encode("ascii")])
+        raw_id = choose_request_id(headers)
+        request_id = raw_id.decode("ascii")
+        request.responseHeaders.setRawHeaders(REQUEST_ID_HEADER, [raw_id])
         request.responseHeaders.removeHeader(b"server")
         address = request.getClientAddress()
         client_ip = getattr(address, "host", "") or ""
@@ -136,6 +177,16 @@ class ProxyResource(Resource):
             return values[0] if values else None
 
         route = snapshot.router.match(request.method, path, host_of(host_header), header)
+        if route is None and is_preflight(request.method, headers):
+            # A CORS preflight asks about the method it names: a route
+            # taking only that method must see it (the CORS filter refuses
+            # it when that route has no CORS policy).
+            requested = headers.getRawHeaders(b"access-control-request-method")[0]
+            route = snapshot.router.match(
+                requested.strip().upper(), path, host_of(host_header), header
+            )
+            if route is not None:
+                context.notes[PREFLIGHT_BY_REQUESTED_METHOD] = True
         if route is None:
             context.error = "no route"
             self._answer(request, context, Answer.error_(404, "no route matches the request"))
@@ -235,12 +286,10 @@ class ProxyResource(Resource):
     def _forward(self, request, context: RequestContext) -> None:
         route = context.route
         runtime = context.snapshot.services[route.service]
-        path = context.path
-        if route.strip_prefix and route.match.path_prefix != "/":
-            path = path[len(route.match.path_prefix.encode("utf-8")):] or b"/"
-            if not path.startswith(b"/"):
-                path = b"/" + path
         headers = request.requestHeaders
+        path = context.upstream_path
+        if path is None:
+            path = route_path(route, context.path)
         body = None
         if headers.hasHeader(b"content-length") or headers.hasHeader(b"transfer-encoding"):
             body = request.content.getvalue()
@@ -306,7 +355,8 @@ class ProxyResource(Resource):
             preserve_host=context.route.preserve_host,
             backend=backend,
         )
-        forwarded.setRawHeaders(b"X-Request-Id", [context.request_id.encode("ascii")])
+        forwarded.setRawHeaders(REQUEST_ID_HEADER, [context.request_id.encode("ascii")])
+        apply_upstream_headers(forwarded, context.upstream_remove, context.upstream_headers)
         if not context.upstream_started:
             context.upstream_started = self._clock.seconds()
         timeout = remaining if exchange.per_try is None else min(exchange.per_try, remaining)
@@ -621,25 +671,148 @@ class GatewayRequest(server.Request):
     def _refuse(self) -> None:
         self._too_large = True
         self.content = _NullFile()
-        incoming = self.requestHeaders.getRawHeaders(b"x-request-id")
-        if incoming and _valid_request_id(incoming[0]):
-            request_id = incoming[0].decode("ascii")
-        else:
-            request_id = new_request_id()
-        body = json.dumps(
-            {"error": "request body too large", "request_id": request_id}
-        ).encode("utf-8")
-        self.channel.transport.write(
-            b"HTTP/1.1 413 Content Too Large\r\nContent-Type: application/json\r\n"
-            b"X-Request-Id: %s\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
-            % (request_id.encode("ascii"), len(body), body)
+        refuse_connection(
+            self.channel.transport, 413, "request body too large", self.requestHeaders
         )
-        self.channel.transport.loseConnection()
 
     def requestReceived(self, command, path, version) -> None:
         if self._too_large:
             return
         super().requestReceived(command, path, version)
+
+
+_PHRASES = {
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    431: b"Request Header Fields Too Large",
+}
+
+
+def refuse_connection(transport, status: int, message: str, headers=None) -> None:
+    """
+    Answer a request the channel will not read to its end with a JSON
+    error, then close the connection: the rest of what the client sends
+    (body, headers) is never read, so the connection cannot be reused.
+
+    @param transport: the client connection.
+    @param status: one of 408, 413, 414, 431.
+    @param message: the C{error} of the JSON body.
+    @param headers: the request headers received so far (their valid
+        C{X-Request-Id} is kept), or None.
+    """
+    raw_id = choose_request_id(headers) if headers is not None else new_request_id().encode("ascii")
+    request_id = raw_id.decode("ascii")
+    body = json.dumps({"error": message, "request_id": request_id}).encode("utf-8")
+    transport.write(
+        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
+        b"X-Request-Id: %s\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+        % (status, _PHRASES[status], raw_id, len(body), body)
+    )
+    transport.loseConnection()
+    peer = transport.getPeer()
+    _log.info(
+        "refused a request from {client} with {status}: {reason}",
+        client=getattr(peer, "host", str(peer)),
+        status=status,
+        reason=message,
+        request_id=request_id,
+    )
+
+
+class GatewayChannel(http.HTTPChannel):
+    """
+    The main listener's HTTP/1.1 channel, enforcing the configured
+    C{limits} (read from the gateway's snapshot when the connection opens):
+
+      - more than C{max_header_count} header fields, or more than
+        C{max_header_bytes} of request line and fields: 431 (414 when the
+        request line alone is too long), where Twisted would send a bare 400;
+      - C{client_header_timeout}: the headers of a request must arrive
+        within this many seconds of its first byte, or the client gets 408
+        (a slowloris client trickling bytes would never trip the idle
+        timeout, which each byte resets);
+      - C{client_idle_timeout}: Twisted's idle timeout (C{timeOut}).
+
+    Each refusal is answered with L{refuse_connection}: a JSON body with a
+    request ID, then the connection is closed.
+    """
+
+    _header_timeout: Optional[float] = None
+    _header_call = None
+
+    def connectionMade(self) -> None:
+        limits = self.site.gateway.snapshot.config.limits
+        self.maxHeaders = limits.max_header_count
+        self.totalHeadersSize = limits.max_header_bytes
+        # LineReceiver drops a longer line (one header, or the request line)
+        # with no answer at all; lineLengthExceeded answers instead.
+        self.MAX_LENGTH = limits.max_header_bytes
+        self.timeOut = limits.client_idle_timeout or None
+        self._header_timeout = limits.client_header_timeout or None
+        super().connectionMade()
+
+    def dataReceived(self, data: bytes) -> None:
+        if (
+            self._header_call is None
+            and self._header_timeout is not None
+            and self.line_mode
+            and not self._handlingRequest
+        ):
+            self._header_call = self.callLater(self._header_timeout, self._headers_too_slow)
+        super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+            self._too_large(first_line=self._receivedHeaderSize == 0)
+            return
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._too_large(first_line=self._receivedHeaderSize == 0)
+
+    def headerReceived(self, line: bytes) -> bool:
+        if self._receivedHeaderCount >= self.maxHeaders:
+            self._refuse(431, "too many request header fields")
+            return False
+        return super().headerReceived(line)
+
+    def allHeadersReceived(self) -> None:
+        self._cancel_header_timeout()
+        super().allHeadersReceived()
+
+    def connectionLost(self, reason) -> None:
+        self._cancel_header_timeout()
+        super().connectionLost(reason)
+
+    def _cancel_header_timeout(self) -> None:
+        call, self._header_call = self._header_call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _headers_too_slow(self) -> None:
+        self._header_call = None
+        if self.transport.disconnecting:
+            return
+        self._refuse(408, "request headers not received in time")
+
+    def _too_large(self, first_line: bool) -> None:
+        if first_line:
+            self._refuse(414, "request line too long")
+        else:
+            self._refuse(431, "request header fields too large")
+
+    def _refuse(self, status: int, message: str) -> None:
+        self._cancel_header_timeout()
+        headers = self.requests[-1].requestHeaders if self.requests else None
+        # Stop parsing: nothing more this client sends is read.
+        self.dataReceived = self.lineReceived = lambda *args: None
+        refuse_connection(self.transport, status, message, headers)
+
+
+def _channel_factory(site) -> http._GenericHTTPChannelProtocol:
+    # What Site.protocol normally does, with our channel inside.
+    return http._GenericHTTPChannelProtocol(GatewayChannel())
 
 
 class _NullFile:
@@ -667,6 +840,7 @@ class GatewaySite(server.Site):
     """
 
     requestFactory = GatewayRequest
+    protocol = _channel_factory
     noisy = False
 
     def __init__(self, gateway: Gateway, **kwargs) -> None:
