@@ -574,8 +574,8 @@ def _backend(where: Where, value: Any) -> Backend:
 def _timeouts(where: Where, value: Any) -> Timeouts:
     section = Section(where, value)
     result = Timeouts(
-        connect=section.take("connect", positive_duration, Timeouts.connect),
-        response=section.take("response", positive_duration, Timeouts.response),
+        connect=section.take("connect", positive_duration, attrs.fields(Timeouts).connect.default),
+        response=section.take("response", positive_duration, attrs.fields(Timeouts).response.default),
     )
     section.finish()
     return result
@@ -691,7 +691,7 @@ def _endpoint(where: Where, value: Any) -> str:
 
 def _admin(where: Where, value: Any) -> Admin:
     section = Section(where, value)
-    admin = Admin(listen=section.take("listen", _endpoint, Admin.listen))
+    admin = Admin(listen=section.take("listen", _endpoint, attrs.fields(Admin).listen.default))
     section.finish()
     return admin
 
@@ -699,7 +699,7 @@ def _admin(where: Where, value: Any) -> Admin:
 def _limits(where: Where, value: Any) -> Limits:
     section = Section(where, value)
     limits = Limits(
-        max_request_body=section.take("max_request_body", size, Limits.max_request_body)
+        max_request_body=section.take("max_request_body", size, attrs.fields(Limits).max_request_body.default)
     )
     section.finish()
     return limits
