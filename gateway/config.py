@@ -357,7 +357,10 @@ SERVICE_EXTENSIONS: dict[str, Extension] = {}
 ROUTE_EXTENSIONS: dict[str, Extension] = {}
 
 #: Feature modules imported before parsing, so that they register their keys.
-FEATURE_MODULES: list[str] = []
+FEATURE_MODULES: list[str] = [
+    "gateway.reload",  # config_poll_interval
+    "gateway.drain",  # drain_timeout
+]
 
 
 def register(level: str, extension: Extension) -> Extension:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 import random
-from typing import Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
@@ -41,6 +41,21 @@ class ServiceRuntime:
         self.balancer = make_balancer(
             service.balancer, service.backends, self.forwarder.limits.active, rng
         )
+        #: Runtime state of each backend (health, breaker, outlier
+        #: ejection, ...), by backend URL: whatever is kept here survives a
+        #: reload that changes the service, for the backends that remain.
+        self.backend_state: dict[str, Any] = {}
+
+    def inherit(self, previous: "ServiceRuntime") -> None:
+        """
+        Take over the runtime state of C{previous}, the runtime of this
+        service in the config being replaced, for the backends that are
+        still listed.
+        """
+        urls = {backend.url for backend in self.service.backends}
+        for url, state in previous.backend_state.items():
+            if url in urls:
+                self.backend_state[url] = state
 
     def available(self):
         """The backends a request may be sent to now, in config order."""
@@ -83,6 +98,9 @@ class Gateway:
         self.rng = rng or random.Random()
         #: Called with each finished L{gateway.proxy.RequestContext}.
         self.request_observers: list[Callable] = []
+        #: Config reloads so far, by result (C{"ok"}, C{"error"}); counted
+        #: by L{gateway.reload.ConfigWatcher}, exported as metrics.
+        self.reloads: dict[str, int] = {"ok": 0, "error": 0}
         self.snapshot: Snapshot = self._build(config, {})
         for module in FEATURE_MODULES:
             importlib.import_module(module)
@@ -97,15 +115,19 @@ class Gateway:
                 services[name] = previous
             else:
                 services[name] = ServiceRuntime(self.reactor, service, self.rng)
+                if previous is not None:
+                    services[name].inherit(previous)
         return Snapshot(config, Router(config.routes), services)
 
     def apply(self, config: Config) -> Deferred:
         """
         Serve the requests that follow from C{config}.
 
-        Runtimes of services that are gone or changed are closed once the
-        swap is made; their in-flight requests finish on the connections
-        they hold.
+        The new snapshot is built completely before it replaces the old
+        one. Runtimes of services that are gone or changed are closed once
+        the swap is made; their in-flight requests finish on the connections
+        they hold. A changed service's new runtime inherits the backend
+        state (L{ServiceRuntime.backend_state}) of the backends it keeps.
 
         @return: a Deferred that fires when the old pools are closed.
         """

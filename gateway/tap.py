@@ -5,8 +5,15 @@ C{twistd -n gateway --config etc/gateway.yaml} (or C{twist gateway ...})
 builds the tree with L{makeService}::
 
     GatewayService (MultiService)
+      ├─ config watcher     (gateway.reload: poll + SIGHUP)
       ├─ admin listener     (StreamServerEndpointService, admin.listen)
       └─ main listener      (StreamServerEndpointService, listen)  added last, stops first
+
+On stop (C{SIGTERM}) the listeners stop first, then open client
+connections drain for up to C{drain_timeout} seconds (L{gateway.drain}),
+then backend pools close; twistd exits 0. Under systemd (C{Type=notify})
+C{READY=1} is sent once the listeners listen and C{STOPPING=1} when the
+stop begins (L{gateway.sdnotify}).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import sys
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
@@ -117,19 +125,62 @@ class GatewayService(MultiService):
     """
     The gateway's root service: its children are the periodic services and
     the listeners; on stop, the listeners stop first (they were added last),
-    then idle backend connections are closed.
+    then open client connections drain, then idle backend connections are
+    closed.
 
     @ivar gateway: the L{gateway.state.Gateway}.
+    @ivar drainer: the L{gateway.drain.Drainer} of the main listener, or
+        None (the master of workers has no client connections).
+    @ivar drain_timeout: seconds given to in-flight requests on stop.
     """
 
-    def __init__(self, gateway) -> None:
+    def __init__(self, gateway, drainer=None, drain_timeout: float = 0.0, notify=None) -> None:
         super().__init__()
         self.gateway = gateway
+        self.drainer = drainer
+        self.drain_timeout = drain_timeout
+        self._notify = notify or (lambda state: None)
+        #: Callables returning a Deferred that fires when a listener
+        #: listens, called once the children started (for READY=1).
+        self.readiness: list = []
+
+    def startService(self) -> None:
+        super().startService()
+        ready = gatherResults([when() for when in self.readiness], consumeErrors=True)
+        ready.addCallback(lambda _: self._notify("READY=1"))
+        ready.addErrback(lambda f: _log.failure("a listener failed to start", f))
 
     def stopService(self):
+        self._notify("STOPPING=1")
         d = super().stopService()
+        if self.drainer is not None:
+            d.addCallback(lambda _: self.drainer.drain(self.drain_timeout))
         d.addCallback(lambda _: self.gateway.close())
+        d.addErrback(lambda f: _log.failure("stopping the gateway failed", f))
         return d
+
+
+def _listener(reactor, endpoint, factory, name: str) -> StreamServerEndpointService:
+    service = StreamServerEndpointService(endpoint, factory)
+    service.setName(name)
+    service._raiseSynchronously = True
+    return service
+
+
+def _when_listening(service: StreamServerEndpointService) -> Deferred:
+    """
+    A Deferred that fires when C{service}, started, listens (its own
+    Deferred's result is passed through untouched: its C{stopService}
+    needs the port).
+    """
+    done: Deferred = Deferred()
+
+    def fire(result):
+        done.callback(None)
+        return result
+
+    service._waitingForPort.addBoth(fire)
+    return done
 
 
 def makeService(options: Options, reactor=None) -> GatewayService:
@@ -140,21 +191,35 @@ def makeService(options: Options, reactor=None) -> GatewayService:
     @raise ValueError: an endpoint string cannot be parsed.
     """
     from gateway.admin import admin_site
+    from gateway.drain import Drainer
     from gateway.proxy import GatewaySite
+    from gateway.reload import ConfigWatcher
+    from gateway.sdnotify import notify
     from gateway.state import Gateway
 
     if reactor is None:
         reactor = _reactor()
     config: Config = getattr(options, "config", None) or load_config(options["config"])
     gateway = Gateway(reactor, config)
-    root = GatewayService(gateway)
+    drain_timeout = config.options.get("drain_timeout", 30.0)
+    drainer = Drainer(reactor)
+    root = GatewayService(gateway, drainer, drain_timeout, notify=notify)
+
+    watcher = ConfigWatcher(
+        gateway,
+        options["config"],
+        config.options.get("config_poll_interval", 5.0),
+        reactor,
+    )
+    watcher.setServiceParent(root)
+    #: (for the admin resources) the watcher's last refused file.
+    gateway.config_watcher = watcher
 
     if config.admin.listen:
-        admin = StreamServerEndpointService(
-            serverFromString(reactor, with_backlog(config.admin.listen)), admin_site(gateway)
+        site = admin_site(gateway)
+        admin = _listener(
+            reactor, serverFromString(reactor, with_backlog(config.admin.listen)), site, "admin-listener"
         )
-        admin.setName("admin-listener")
-        admin._raiseSynchronously = True
         admin.setServiceParent(root)
 
     # twistd re-raises the signal that stopped the reactor once it has
@@ -165,12 +230,13 @@ def makeService(options: Options, reactor=None) -> GatewayService:
     )
 
     listen = options["listen"] or config.listen
-    listener = StreamServerEndpointService(
-        serverFromString(reactor, with_backlog(listen)), GatewaySite(gateway)
-    )
-    listener.setName("listener")
-    listener._raiseSynchronously = True
+    endpoint = serverFromString(reactor, with_backlog(listen))
+    site = GatewaySite(gateway)
+    drainer.install(site)
+    listener = _listener(reactor, endpoint, site, "listener")
     listener.setServiceParent(root)
+    root.readiness.append(lambda: _when_listening(listener))
+
     _log.info(
         "txgateway serving {routes} routes on {listen}, admin on {admin}",
         routes=len(config.routes),

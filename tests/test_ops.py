@@ -18,3 +18,287 @@ routes: []
     assert config.services["a"].timeouts.connect == 2.0
     assert config.admin.listen == "tcp:9901:interface=127.0.0.1"
     assert config.limits.max_request_body == 10 * 1024 * 1024
+
+
+# --- hot reload ---------------------------------------------------------------
+
+import os
+import signal as _signal
+import socket
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from gateway.reload import ConfigWatcher
+from gateway.state import Gateway
+
+
+def _config_text(service="a", poll="1s", extra=""):
+    return f"""
+config_poll_interval: {poll}
+services:
+  a: {{backends: [{{url: "http://127.0.0.1:9001"}}, {{url: "http://127.0.0.1:9002"}}]}}
+  b: {{backends: [{{url: "http://127.0.0.1:9003"}}]}}
+routes:
+  - {{name: r, match: {{path_prefix: /r}}, service: {service}}}
+{extra}
+"""
+
+
+class _Reactor(Clock):
+    """A clock that is also enough of a reactor for Gateway and the watcher."""
+
+    def callFromThread(self, f, *args):
+        f(*args)
+
+
+@pytest.fixture
+def watched(tmp_path):
+    path = tmp_path / "gateway.yaml"
+    path.write_text(_config_text())
+    reactor = _Reactor()
+    gateway = Gateway(reactor, parse_config(path.read_text(), str(path)))
+    watcher = ConfigWatcher(
+        gateway, str(path), 1.0, reactor, run=lambda f, *a: defer.maybeDeferred(f, *a),
+        install_signal=False,
+    )
+    watcher.startService()
+    yield path, reactor, gateway, watcher
+    watcher.stopService()
+
+
+def _rewrite(path, text):
+    path.write_text(text)
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # a visibly new mtime
+
+
+def test_poll_applies_a_changed_file_within_one_interval(watched):
+    path, reactor, gateway, watcher = watched
+    old = gateway.snapshot
+    _rewrite(path, _config_text(service="b"))
+    reactor.advance(0.5)
+    assert gateway.snapshot is old
+    reactor.advance(0.5)
+    assert gateway.snapshot is not old
+    assert gateway.snapshot.config.routes[0].service == "b"
+    assert gateway.reloads == {"ok": 1, "error": 0}
+    # unchanged services keep their runtime (pools, balancer state)
+    assert gateway.snapshot.services["a"] is old.services["a"]
+
+
+def test_same_content_or_touch_does_not_reload(watched):
+    path, reactor, gateway, watcher = watched
+    old = gateway.snapshot
+    _rewrite(path, _config_text())  # same bytes, new mtime
+    reactor.pump([1.0] * 3)
+    assert gateway.snapshot is old
+    assert gateway.reloads == {"ok": 0, "error": 0}
+
+
+def test_bad_file_changes_nothing_and_is_counted(watched):
+    path, reactor, gateway, watcher = watched
+    old = gateway.snapshot
+    _rewrite(path, _config_text(service="nope"))
+    reactor.pump([1.0] * 3)  # checked three times, refused (and counted) once
+    assert gateway.snapshot is old
+    assert gateway.reloads == {"ok": 0, "error": 1}
+    error = watcher.last_error
+    assert error.path == str(path) and error.line == 7 and "no service named 'nope'" in error.reason
+    _rewrite(path, _config_text(service="b"))
+    reactor.advance(1.0)
+    assert gateway.snapshot.config.routes[0].service == "b"
+    assert watcher.last_error is None
+    assert gateway.reloads == {"ok": 1, "error": 1}
+
+
+def test_unreadable_file_is_an_error(watched):
+    path, reactor, gateway, watcher = watched
+    old = gateway.snapshot
+    path.unlink()
+    reactor.advance(1.0)
+    assert gateway.snapshot is old
+    assert gateway.reloads["error"] == 1
+    assert "cannot read the file" in watcher.last_error.reason
+
+
+def test_forced_reload_reparses_an_unchanged_file(watched):
+    path, reactor, gateway, watcher = watched
+    old = gateway.snapshot
+    watcher.reload()
+    assert gateway.snapshot is not old
+    assert gateway.reloads == {"ok": 1, "error": 0}
+
+
+def test_changed_service_inherits_state_of_remaining_backends(watched):
+    path, reactor, gateway, watcher = watched
+    runtime = gateway.snapshot.services["a"]
+    runtime.backend_state["http://127.0.0.1:9001"] = "kept"
+    runtime.backend_state["http://127.0.0.1:9002"] = "dropped"
+    _rewrite(path, _config_text().replace(', {url: "http://127.0.0.1:9002"}', ""))
+    reactor.advance(1.0)
+    new = gateway.snapshot.services["a"]
+    assert new is not runtime
+    assert new.backend_state == {"http://127.0.0.1:9001": "kept"}
+
+
+def test_filters_are_kept_and_reconfigured(watched):
+    path, reactor, gateway, watcher = watched
+    seen = []
+
+    class Filter:
+        name = "probe"
+
+        def reconfigure(self, snapshot):
+            seen.append(snapshot)
+
+    probe = Filter()
+    gateway.filters = (probe,)
+    _rewrite(path, _config_text(service="b"))
+    reactor.advance(1.0)
+    assert gateway.filters == (probe,)  # the same objects: bucket levels kept
+    assert seen == [gateway.snapshot]
+
+
+def test_sighup_reloads(tmp_path):
+    path = tmp_path / "gateway.yaml"
+    path.write_text(_config_text(poll="0"))
+    reactor = _Reactor()
+    gateway = Gateway(reactor, parse_config(path.read_text(), str(path)))
+    watcher = ConfigWatcher(gateway, str(path), 0, reactor, run=lambda f, *a: defer.maybeDeferred(f, *a))
+    forwarded = []
+    watcher.signal_observers.append(lambda: forwarded.append(True))
+    watcher.startService()
+    try:
+        assert reactor.getDelayedCalls() == []  # no polling with interval 0
+        path.write_text(_config_text(service="b", poll="0"))
+        os.kill(os.getpid(), _signal.SIGHUP)
+        assert gateway.snapshot.config.routes[0].service == "b"
+        assert forwarded == [True]
+    finally:
+        watcher.stopService()
+    assert _signal.getsignal(_signal.SIGHUP) in (_signal.SIG_DFL, _signal.default_int_handler) or \
+        _signal.getsignal(_signal.SIGHUP) is not watcher._on_sighup
+
+
+def test_restart_only_changes_are_reported():
+    from gateway.reload import restart_only_changes
+
+    old = parse_config(_config_text())
+    new = parse_config("listen: tcp:9999\nadmin: {listen: 'tcp:9998'}\n" + _config_text())
+    assert restart_only_changes(old, new) == ["listen", "admin.listen"]
+
+
+# --- graceful drain -------------------------------------------------------------
+
+from twisted.internet.testing import StringTransportWithDisconnection
+from twisted.web import server
+from twisted.web.resource import Resource
+
+from gateway.drain import Drainer
+
+
+class _Held(Resource):
+    """Holds every request until the test finishes it."""
+
+    isLeaf = True
+
+    def __init__(self):
+        super().__init__()
+        self.held = []
+
+    def render_GET(self, request):
+        self.held.append(request)
+        return server.NOT_DONE_YET
+
+
+def _connect(site):
+    protocol = site.buildProtocol(None)
+    transport = StringTransportWithDisconnection()
+    transport.protocol = protocol
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def _drain_setup():
+    clock = Clock()
+    resource = _Held()
+    site = server.Site(resource, reactor=clock)
+    drainer = Drainer(clock)
+    drainer.install(site)
+    return clock, resource, site, drainer
+
+
+def test_drain_closes_idle_connections_and_lets_requests_finish():
+    clock, resource, site, drainer = _drain_setup()
+    idle, idle_transport = _connect(site)
+    busy, busy_transport = _connect(site)
+    busy.dataReceived(b"GET /long HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert len(drainer.connections) == 2
+    done = drainer.drain(30)
+    assert not idle_transport.connected  # closed at once
+    assert busy_transport.connected
+    clock.pump([1.0] * 5)
+    assert busy_transport.connected and not done.called
+    request = resource.held[0]
+    request.write(b"done")
+    request.finish()
+    response = busy_transport.value()
+    assert b"HTTP/1.1 200" in response and b"Connection: close" in response
+    assert not busy_transport.connected  # closed after its response
+    clock.advance(0.1)
+    assert done.result == 0
+    assert drainer.connections == set()
+    assert clock.getDelayedCalls() == []
+
+
+def test_drain_aborts_what_is_left_at_the_timeout():
+    clock, resource, site, drainer = _drain_setup()
+    busy, transport = _connect(site)
+    busy.dataReceived(b"GET /forever HTTP/1.1\r\nHost: x\r\n\r\n")
+    done = drainer.drain(2)
+    clock.pump([0.5] * 3)
+    assert transport.connected and not done.called
+    clock.pump([0.5] * 2)
+    assert transport.disconnected  # aborted
+    clock.pump([0.05] * 3)
+    assert done.result == 1
+    assert clock.getDelayedCalls() == []
+
+
+def test_drain_with_no_connections_is_immediate():
+    clock, resource, site, drainer = _drain_setup()
+    assert drainer.drain(30).result == 0
+
+
+# --- sd_notify -----------------------------------------------------------------
+
+from gateway.sdnotify import notify
+
+
+def test_notify_sends_one_datagram(tmp_path):
+    path = str(tmp_path / "notify")
+    server_socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server_socket.bind(path)
+    try:
+        assert notify("READY=1", {"NOTIFY_SOCKET": path})
+        assert server_socket.recv(100) == b"READY=1"
+    finally:
+        server_socket.close()
+
+
+def test_notify_abstract_socket():
+    server_socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    name = f"txgateway-test-{os.getpid()}"
+    server_socket.bind("\0" + name)
+    try:
+        assert notify("STOPPING=1", {"NOTIFY_SOCKET": "@" + name})
+        assert server_socket.recv(100) == b"STOPPING=1"
+    finally:
+        server_socket.close()
+
+
+def test_notify_without_systemd_does_nothing(tmp_path):
+    assert not notify("READY=1", {})
+    assert not notify("READY=1", {"NOTIFY_SOCKET": str(tmp_path / "absent")})
