@@ -33,6 +33,7 @@ from twisted.web._newclient import HTTPClientParser
 from zope.interface import implementer
 
 from gateway.config import Backend, Service
+from gateway.tls import backend_policy
 
 #: Hop-by-hop header names, lower-case (RFC 9110 §7.6.1; C{Keep-Alive} and
 #: C{Proxy-Connection} are the non-standard ones seen in the wild).
@@ -316,7 +317,12 @@ class ServiceForwarder:
         self.pool.maxPersistentPerHost = service.max_connections_per_backend
         self.pool.cachedConnectionTimeout = 60
         self.limits = ConnectionLimit(service.max_connections_per_backend)
-        self._agent = Agent(reactor, connectTimeout=service.timeouts.connect, pool=self.pool)
+        self._agent = Agent(
+            reactor,
+            contextFactory=backend_policy(service),  # HTTPS: verification, CA, client cert
+            connectTimeout=service.timeouts.connect,
+            pool=self.pool,
+        )
 
     def request(
         self,

@@ -18,7 +18,7 @@ from typing import Optional
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import server
+from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from gateway.config import Backend, Route
@@ -378,6 +378,10 @@ class GatewayRequest(server.Request):
     def _refuse(self) -> None:
         self._too_large = True
         self.content = _NullFile()
+        if not isinstance(self.channel, http.HTTPChannel):
+            # HTTP/2: no raw bytes on a shared connection; this stream gets
+            # its 413 when the request ends (requestReceived).
+            return
         body = json.dumps(
             {"error": "request body too large", "request_id": None}
         ).encode("utf-8")
@@ -389,8 +393,20 @@ class GatewayRequest(server.Request):
 
     def requestReceived(self, command, path, version) -> None:
         if self._too_large:
+            if not isinstance(self.channel, http.HTTPChannel):
+                self._refuse_stream(command, path, version)
             return
         super().requestReceived(command, path, version)
+
+    def _refuse_stream(self, command, path, version) -> None:
+        """Answer 413 on an HTTP/2 stream whose body was too large."""
+        self.method, self.uri, self.clientproto = command, path, version
+        body = json.dumps({"error": "request body too large", "request_id": None}).encode("utf-8")
+        self.setResponseCode(413)
+        self.setHeader(b"Content-Type", b"application/json")
+        self.setHeader(b"Content-Length", b"%d" % len(body))
+        self.write(body)
+        self.finish()
 
 
 class _NullFile:

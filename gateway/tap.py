@@ -233,7 +233,12 @@ def makeService(options: Options, reactor=None) -> GatewayService:
     endpoint = serverFromString(reactor, with_backlog(listen))
     site = GatewaySite(gateway)
     drainer.install(site)
-    listener = _listener(reactor, endpoint, site, "listener")
+    factory = site
+    if config.options.get("tls") is not None:
+        from gateway.tls import wrap_listener
+
+        factory = wrap_listener(gateway, site)
+    listener = _listener(reactor, endpoint, factory, "listener")
     listener.setServiceParent(root)
     root.readiness.append(lambda: _when_listening(listener))
 

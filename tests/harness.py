@@ -134,7 +134,7 @@ class Gateway(Process):
         def started():
             if popen.poll() is not None:
                 raise RuntimeError(f"gateway exited with {popen.returncode}:\n{self.log()}")
-            return re.search(r"GatewaySite starting on (\d+)", self.log())
+            return re.search(r"GatewaySite(?: \(TLS\))? starting on (\d+)", self.log())
 
         self.port = int(wait_for(started, what="the gateway's listener").group(1))
         admin = re.search(r"AdminSite starting on (\d+)", self.log())

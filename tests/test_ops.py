@@ -302,3 +302,65 @@ def test_notify_abstract_socket():
 def test_notify_without_systemd_does_nothing(tmp_path):
     assert not notify("READY=1", {})
     assert not notify("READY=1", {"NOTIFY_SOCKET": str(tmp_path / "absent")})
+
+
+# --- TLS config -------------------------------------------------------------------
+
+from gateway.config import ConfigError
+from gateway.tls import BackendTLSPolicy, _matches, backend_policy
+from twisted.web.client import BrowserLikePolicyForHTTPS
+
+
+def test_sni_name_matching():
+    assert _matches("api.test", "api.test")
+    assert _matches("*.admin.test", "x.admin.test")
+    assert not _matches("*.admin.test", "admin.test")
+    assert not _matches("*.admin.test", "a.b.admin.test")
+    assert not _matches("api.test", "www.api.test")
+
+
+def test_tls_config_errors_name_the_line(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        parse_config("tls: {cert: /nonexistent.pem, key: /nonexistent.key}\nservices: {}\nroutes: []\n", "g.yaml")
+    assert e.value.line == 1 and "tls.cert: cannot read /nonexistent.pem" in e.value.reason
+    with pytest.raises(ConfigError, match="needs cert and key"):
+        parse_config("tls: {http2: true}\nservices: {}\nroutes: []\n", "g.yaml")
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate")
+    with pytest.raises(ConfigError, match="not a PEM certificate"):
+        parse_config(
+            f"services:\n  a:\n    backends: [{{url: 'https://x'}}]\n    tls: {{ca: {bad}}}\nroutes: []\n",
+            "g.yaml",
+        )
+
+
+def test_backend_policy_defaults_to_browser_like_verification(tmp_path):
+    from tests.certs import CA
+
+    config = parse_config(
+        f"""
+services:
+  plain: {{backends: [{{url: "https://example.com"}}]}}
+  ours:
+    backends: [{{url: "https://example.com"}}]
+    tls: {{ca: {CA().write(str(tmp_path))}}}
+routes: []
+"""
+    )
+    assert isinstance(backend_policy(config.services["plain"]), BrowserLikePolicyForHTTPS)
+    policy = backend_policy(config.services["ours"])
+    assert isinstance(policy, BackendTLSPolicy)
+    # one connection creator per backend, reused
+    assert policy.creatorForNetloc(b"example.com", 443) is policy.creatorForNetloc(b"example.com", 443)
+
+
+def test_top_level_tls_is_not_a_service_default(tmp_path):
+    from tests.certs import CA
+
+    ca = CA()
+    cert, key = ca.write_issued(str(tmp_path), "s", names=["a.test"])
+    config = parse_config(
+        f"tls: {{cert: {cert}, key: {key}}}\nservices: {{a: {{backends: [{{url: 'https://x'}}]}}}}\nroutes: []\n"
+    )
+    assert config.options["tls"].certificates[0].names == ("a.test",)
+    assert config.services["a"].options["tls"] is None
