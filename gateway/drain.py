@@ -7,9 +7,12 @@ stays open in systemd, so new connections wait in its backlog for the next
 process). Then L{Drainer.drain}:
 
   1. marks every open HTTP/1.1 connection non-persistent (responses not yet
-     started get C{Connection: close}) and closes the idle ones;
+     started, and all that start from now on, get C{Connection: close}) and
+     closes the idle ones;
   2. every 50 ms, closes connections that have become idle (HTTP/1.1: no
-     request; HTTP/2: no stream);
+     request; HTTP/2: no stream). A connection that has not sent its first
+     request yet gets a second to do so: it may have been accepted just
+     before the listener stopped, its request on the way;
   3. at C{drain_timeout} seconds, aborts whatever is left.
 
 The backend connection pools are closed after that
@@ -39,6 +42,10 @@ DEFAULT_DRAIN_TIMEOUT = 30.0
 #: Seconds between two looks for connections that have become idle.
 IDLE_CHECK_INTERVAL = 0.05
 
+#: Seconds a connection that has not sent a request yet is given to send
+#: one once draining starts.
+FIRST_REQUEST_GRACE = 1.0
+
 register(
     "top",
     Extension(
@@ -49,24 +56,47 @@ register(
 )
 
 
+class _DrainingChannel(HTTPChannel):
+    """
+    Twisted's HTTP/1.1 channel; once draining, every response it starts
+    says C{Connection: close} and the connection closes after it.
+
+    @ivar served: requests answered on this connection.
+    """
+
+    def __init__(self, drainer: "Drainer") -> None:
+        super().__init__()
+        self._drainer = drainer
+        self.served = 0
+
+    def checkPersistence(self, request, version) -> bool:
+        if self._drainer.draining:
+            request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+            return False
+        return super().checkPersistence(request, version)
+
+    def requestDone(self, request) -> None:
+        self.served += 1
+        super().requestDone(request)
+
+
 class _TrackedChannel(_GenericHTTPChannelProtocol):
     """
     Twisted's HTTP/1.1-or-HTTP/2 channel, registering itself with a
     L{Drainer} while connected.
     """
 
-    def __init__(self, drainer: "Drainer", channel) -> None:
-        super().__init__(channel)
+    def __init__(self, drainer: "Drainer") -> None:
+        super().__init__(_DrainingChannel(drainer))
         self._drainer = drainer
+        self.accepted = 0.0
 
     def makeConnection(self, transport) -> None:
         # (the proxied makeConnection calls the channel's connectionMade,
         # not this object's)
+        self.accepted = self._drainer._clock.seconds()
         self._drainer.connections.add(self)
         super().makeConnection(transport)
-        if self._drainer.draining:
-            # Accepted just before the listener stopped.
-            self._drainer._wind_down(self)
 
     def connectionLost(self, reason) -> None:
         self._drainer.connections.discard(self)
@@ -79,6 +109,21 @@ def busy(protocol: _GenericHTTPChannelProtocol) -> bool:
     if isinstance(channel, HTTPChannel):
         return bool(channel.requests)
     return bool(getattr(channel, "streams", None))
+
+
+def idle(protocol: _TrackedChannel, now: float) -> bool:
+    """
+    Whether a client connection can be closed now without failing a
+    request: nothing in progress, and either it has served a request
+    (an idle keep-alive connection) or it has sent nothing for
+    L{FIRST_REQUEST_GRACE} seconds. (A connection accepted just before the
+    listener stopped may have its first request on the way.)
+    """
+    if busy(protocol):
+        return False
+    if getattr(protocol._channel, "served", 0):
+        return True
+    return now - protocol.accepted >= FIRST_REQUEST_GRACE
 
 
 def _transport(protocol: _GenericHTTPChannelProtocol):
@@ -101,16 +146,18 @@ class Drainer:
 
     def install(self, site) -> None:
         """Track the connections of C{site} (a L{twisted.web.server.Site})."""
-        site.protocol = lambda: _TrackedChannel(self, HTTPChannel())
+        site.protocol = lambda: _TrackedChannel(self)
 
-    def _wind_down(self, protocol) -> None:
+    def _wind_down(self, protocol, now: float) -> None:
         channel = protocol._channel
-        if isinstance(channel, HTTPChannel):
+        if isinstance(channel, HTTPChannel) and channel.requests:
+            # (not on a connection between requests: it would drop the next
+            # one unread; checkPersistence answers that with close)
             channel.persistent = False
             for request in channel.requests:
                 if not request.startedWriting:
                     request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
-        if not busy(protocol) and _transport(protocol) is not None:
+        if idle(protocol, now) and _transport(protocol) is not None:
             _transport(protocol).loseConnection()
 
     def drain(self, timeout: float) -> Deferred:
@@ -124,8 +171,9 @@ class Drainer:
             fails.
         """
         self.draining = True
+        now = self._clock.seconds()
         for protocol in list(self.connections):
-            self._wind_down(protocol)
+            self._wind_down(protocol, now)
         if not self.connections:
             return succeed(0)
         in_flight = sum(1 for p in self.connections if busy(p))
@@ -157,7 +205,7 @@ class Drainer:
                         _transport(protocol).abortConnection()
                 return
             for protocol in list(self.connections):
-                if not busy(protocol) and _transport(protocol) is not None:
+                if idle(protocol, now) and _transport(protocol) is not None:
                     _transport(protocol).loseConnection()
 
         loop = LoopingCall(check)

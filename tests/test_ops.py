@@ -233,6 +233,8 @@ def _drain_setup():
 def test_drain_closes_idle_connections_and_lets_requests_finish():
     clock, resource, site, drainer = _drain_setup()
     idle, idle_transport = _connect(site)
+    idle.dataReceived(b"GET /quick HTTP/1.1\r\nHost: x\r\n\r\n")
+    resource.held.pop().finish()  # served once: now an idle keep-alive connection
     busy, busy_transport = _connect(site)
     busy.dataReceived(b"GET /long HTTP/1.1\r\nHost: x\r\n\r\n")
     assert len(drainer.connections) == 2
@@ -251,6 +253,23 @@ def test_drain_closes_idle_connections_and_lets_requests_finish():
     assert done.result == 0
     assert drainer.connections == set()
     assert clock.getDelayedCalls() == []
+
+
+def test_drain_gives_a_new_connection_time_for_its_first_request():
+    clock, resource, site, drainer = _drain_setup()
+    late, late_transport = _connect(site)  # accepted just before the stop
+    silent, silent_transport = _connect(site)
+    done = drainer.drain(30)
+    clock.pump([0.05] * 4)
+    assert late_transport.connected and silent_transport.connected
+    late.dataReceived(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+    resource.held.pop().finish()
+    assert b"Connection: close" in late_transport.value()
+    assert not late_transport.connected
+    clock.pump([0.05] * 20)  # the grace is over: the silent one is closed
+    assert not silent_transport.connected
+    clock.advance(0.05)
+    assert done.result == 0
 
 
 def test_drain_aborts_what_is_left_at_the_timeout():
