@@ -361,6 +361,7 @@ FEATURE_MODULES: list[str] = [
     "gateway.reload",  # config_poll_interval
     "gateway.drain",  # drain_timeout
     "gateway.tls",  # tls (listener), services.*.tls (HTTPS backends)
+    "gateway.workers",  # workers
 ]
 
 

@@ -9,6 +9,11 @@ builds the tree with L{makeService}::
       ├─ admin listener     (StreamServerEndpointService, admin.listen)
       └─ main listener      (StreamServerEndpointService, listen)  added last, stops first
 
+With C{--workers N} (N > 1) this process is the master: its last child is
+a L{gateway.workers.WorkerSupervisor} in place of the main listener, and
+each worker runs this plugin with C{--worker-fd} (no admin listener, the
+inherited socket as its listener). See L{gateway.workers}.
+
 On stop (C{SIGTERM}) the listeners stop first, then open client
 connections drain for up to C{drain_timeout} seconds (L{gateway.drain}),
 then backend pools close; twistd exits 0. Under systemd (C{Type=notify})
@@ -40,6 +45,13 @@ def summary(config: Config) -> str:
     """A human-readable summary of a valid config, as printed by --check."""
     lines = [f"{config.source}: OK", f"listen: {config.listen}"]
     lines.append(f"admin: {config.admin.listen or 'off'}")
+    workers = config.options.get("workers", 1)
+    if workers != 1:
+        lines.append(f"workers: {workers}")
+    tls = config.options.get("tls")
+    if tls is not None:
+        names = "; ".join(",".join(c.names) or c.cert_path for c in tls.certificates)
+        lines.append(f"tls: {names}" + (" (h2 offered)" if tls.http2 else ""))
     for name, service in config.services.items():
         lines.append(
             f"service {name}: {service.balancer}, "
@@ -69,6 +81,11 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", None, "Path of the YAML config file."],
         ["listen", "l", None, "Twisted endpoint for client traffic (overrides the file), e.g. tcp:8080."],
+        ["workers", "w", None,
+         "Worker processes serving the listener: a number, or auto for one per CPU "
+         "(overrides the file's workers; default 1, a single process)."],
+        ["worker-fd", None, None, "(internal) Serve the listening socket inherited as this fd, as a worker."],
+        ["worker-index", None, "0", "(internal) This worker's number."],
     ]
     optFlags = [
         ["check", None, "Validate the config file, print a summary or the errors, and exit."],
@@ -88,6 +105,14 @@ class Options(usage.Options):
                 print(str(e), file=sys.stderr)
                 raise SystemExit(1)
             raise usage.UsageError(str(e))
+        try:
+            self["workers"] = _workers(self["workers"] or config.options.get("workers", 1))
+        except ValueError as e:
+            raise usage.UsageError(f"--workers: {e}")
+        if self["worker-fd"] is not None:
+            self["worker-fd"] = int(self["worker-fd"])
+            self["worker-index"] = int(self["worker-index"])
+            self["workers"] = 1
         if self["listen"]:
             try:
                 serverFromString(_reactor(), self["listen"])
@@ -97,6 +122,12 @@ class Options(usage.Options):
             print(summary(config))
             raise SystemExit(0)
         self.config = config
+
+
+def _workers(value) -> int:
+    from gateway.workers import parse_workers
+
+    return parse_workers(value)
 
 
 def _reactor():
@@ -183,6 +214,24 @@ def _when_listening(service: StreamServerEndpointService) -> Deferred:
     return done
 
 
+def _check_worker_endpoint(endpoint, listen: str) -> None:
+    """
+    @raise usage.UsageError: C{endpoint} is not one whose socket workers
+        can share (TCP, or an inherited C{systemd:} socket).
+    """
+    from twisted.internet.endpoints import (
+        AdoptedStreamServerEndpoint,
+        TCP4ServerEndpoint,
+        TCP6ServerEndpoint,
+    )
+
+    if not isinstance(endpoint, (TCP4ServerEndpoint, TCP6ServerEndpoint, AdoptedStreamServerEndpoint)):
+        raise usage.UsageError(
+            f"--workers needs a tcp:, tcp6: or systemd: listener, not {listen!r} "
+            "(for TLS with workers, use the config's tls: key)"
+        )
+
+
 def makeService(options: Options, reactor=None) -> GatewayService:
     """
     Build the service tree from parsed options.
@@ -201,9 +250,17 @@ def makeService(options: Options, reactor=None) -> GatewayService:
         reactor = _reactor()
     config: Config = getattr(options, "config", None) or load_config(options["config"])
     gateway = Gateway(reactor, config)
+    worker_fd = options.get("worker-fd")
+    workers = options.get("workers") or 1
+    is_master = worker_fd is None and workers > 1
     drain_timeout = config.options.get("drain_timeout", 30.0)
-    drainer = Drainer(reactor)
-    root = GatewayService(gateway, drainer, drain_timeout, notify=notify)
+    drainer = None if is_master else Drainer(reactor)
+    root = GatewayService(
+        gateway,
+        drainer,
+        drain_timeout,
+        notify=notify if worker_fd is None else None,
+    )
 
     watcher = ConfigWatcher(
         gateway,
@@ -215,8 +272,10 @@ def makeService(options: Options, reactor=None) -> GatewayService:
     #: (for the admin resources) the watcher's last refused file.
     gateway.config_watcher = watcher
 
-    if config.admin.listen:
+    admin_root = None
+    if config.admin.listen and worker_fd is None:
         site = admin_site(gateway)
+        admin_root = site.resource
         admin = _listener(
             reactor, serverFromString(reactor, with_backlog(config.admin.listen)), site, "admin-listener"
         )
@@ -230,22 +289,63 @@ def makeService(options: Options, reactor=None) -> GatewayService:
     )
 
     listen = options["listen"] or config.listen
-    endpoint = serverFromString(reactor, with_backlog(listen))
-    site = GatewaySite(gateway)
-    drainer.install(site)
-    factory = site
-    if config.options.get("tls") is not None:
-        from gateway.tls import wrap_listener
+    if worker_fd is not None:
+        from gateway.workers import ParentWatch, adopted_endpoint, count_requests
 
-        factory = wrap_listener(gateway, site)
-    listener = _listener(reactor, endpoint, factory, "listener")
-    listener.setServiceParent(root)
-    root.readiness.append(lambda: _when_listening(listener))
+        endpoint = adopted_endpoint(reactor, worker_fd)
+        ParentWatch(reactor).setServiceParent(root)
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            count_requests(gateway, options["worker-index"])
+    else:
+        endpoint = serverFromString(reactor, with_backlog(listen))
 
-    _log.info(
-        "txgateway serving {routes} routes on {listen}, admin on {admin}",
-        routes=len(config.routes),
-        listen=listen,
-        admin=config.admin.listen,
-    )
+    if is_master:
+        from gateway.workers import (
+            MergedMetricsResource,
+            WorkersResource,
+            WorkerSupervisor,
+            worker_command,
+        )
+
+        _check_worker_endpoint(endpoint, listen)
+        supervisor = WorkerSupervisor(
+            reactor,
+            endpoint,
+            workers,
+            lambda index: worker_command(options, index),
+            drain_timeout,
+        )
+        watcher.signal_observers.append(supervisor.signal_workers)
+        if admin_root is not None:
+            admin_root.putChild(b"workers", WorkersResource(supervisor))
+            admin_root.putChild(b"metrics", MergedMetricsResource(supervisor))
+        supervisor.setName("workers")
+        supervisor.setServiceParent(root)
+        root.readiness.append(lambda: supervisor.ready)
+    else:
+        site = GatewaySite(gateway)
+        drainer.install(site)
+        factory = site
+        if config.options.get("tls") is not None:
+            from gateway.tls import wrap_listener
+
+            factory = wrap_listener(gateway, site)
+        listener = _listener(reactor, endpoint, factory, "listener")
+        listener.setServiceParent(root)
+        root.readiness.append(lambda: _when_listening(listener))
+
+    if worker_fd is not None:
+        _log.info(
+            "txgateway worker {index} serving {routes} routes on the master's socket",
+            index=options["worker-index"],
+            routes=len(config.routes),
+        )
+    else:
+        _log.info(
+            "txgateway serving {routes} routes on {listen}, admin on {admin}, {workers} worker(s)",
+            routes=len(config.routes),
+            listen=listen,
+            admin=config.admin.listen,
+            workers=workers,
+        )
     return root

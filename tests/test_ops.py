@@ -383,3 +383,167 @@ def test_top_level_tls_is_not_a_service_default(tmp_path):
     )
     assert config.options["tls"].certificates[0].names == ("a.test",)
     assert config.services["a"].options["tls"] is None
+
+
+# --- workers -------------------------------------------------------------------
+
+from twisted.internet.error import ProcessTerminated
+from twisted.python.failure import Failure
+
+from gateway.workers import (
+    WorkerSupervisor,
+    log_format_argument,
+    parse_workers,
+)
+
+
+class _FakeProcessReactor(Clock):
+    def __init__(self):
+        super().__init__()
+        self.spawned = []
+        self._next_pid = 1000
+
+    def spawnProcess(self, protocol, executable, args, env=None, childFDs=None):
+        self._next_pid += 1
+        transport = _FakeProcess(self._next_pid)
+        protocol.makeConnection(transport)
+        self.spawned.append((protocol, args, env, childFDs))
+        return transport
+
+
+class _FakeProcess:
+    def __init__(self, pid):
+        self.pid = pid
+        self.signals = []
+
+    def closeStdin(self):
+        pass
+
+    def signalProcess(self, name):
+        self.signals.append(name)
+
+
+class _FakePort:
+    def __init__(self):
+        self.reading = True
+        self.closed = False
+
+    def stopReading(self):
+        self.reading = False
+
+    def fileno(self):
+        return 42
+
+    def getHost(self):
+        return "fake:0"
+
+    def stopListening(self):
+        self.closed = True
+        return defer.succeed(None)
+
+
+class _FakeEndpoint:
+    def __init__(self):
+        self.port = _FakePort()
+
+    def listen(self, factory):
+        return defer.succeed(self.port)
+
+
+@pytest.fixture
+def supervised(tmp_path, monkeypatch):
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "metrics"))
+    monkeypatch.setenv("NOTIFY_SOCKET", "/run/systemd/notify")
+    reactor = _FakeProcessReactor()
+    endpoint = _FakeEndpoint()
+    supervisor = WorkerSupervisor(reactor, endpoint, 2, lambda i: ["worker", str(i)], 5.0, executable="py")
+    supervisor.privilegedStartService()
+    supervisor.startService()
+    return reactor, endpoint, supervisor
+
+
+def _die(protocol, code=1):
+    protocol.processEnded(Failure(ProcessTerminated(exitCode=code)))
+
+
+def test_supervisor_spawns_workers_on_the_shared_socket(supervised):
+    reactor, endpoint, supervisor = supervised
+    assert not endpoint.port.reading  # the master never accepts
+    assert len(reactor.spawned) == 2
+    protocol, args, env, fds = reactor.spawned[1]
+    assert args == ["py", "worker", "1"]
+    assert fds[3] == 42
+    assert env["TXGATEWAY_WORKER"] == "1" and "NOTIFY_SOCKET" not in env
+    assert env["PROMETHEUS_MULTIPROC_DIR"] == supervisor.metrics_dir
+    assert supervisor.ready.called
+
+
+def test_supervisor_replaces_dead_workers_with_growing_delays(supervised):
+    reactor, endpoint, supervisor = supervised
+    delays = []
+    for _ in range(7):
+        worker = supervisor.workers[0]
+        _die(worker)
+        call = supervisor._pending[0]
+        delays.append(call.getTime() - reactor.seconds())
+        reactor.advance(call.getTime() - reactor.seconds())
+        assert supervisor.workers[0] is not worker
+        reactor.advance(1.0)  # each crash a second after the start
+    assert delays[:3] == [0.0, 0.0, 0.0]
+    assert delays[3:] == sorted(delays[3:]) and delays[3] > 0 and delays[-1] <= 30
+    assert supervisor.restarts_total == 7
+    # after a quiet spell, restarts are immediate again
+    reactor.advance(60)
+    _die(supervisor.workers[0])
+    assert supervisor._pending[0].getTime() == reactor.seconds()
+
+
+def test_supervisor_stop_terminates_then_kills(supervised):
+    reactor, endpoint, supervisor = supervised
+    workers = list(supervisor.workers.values())
+    stopped = supervisor.stopService()
+    assert endpoint.port.closed
+    assert all(w.transport.signals == ["TERM"] for w in workers)
+    _die(workers[0], 0)
+    assert not stopped.called
+    assert supervisor._pending == {}  # no replacement while stopping
+    reactor.advance(5.0 + 10)
+    assert workers[1].transport.signals == ["TERM", "KILL"]
+    _die(workers[1], None)
+    assert stopped.called
+    assert len(reactor.spawned) == 2
+
+
+def test_supervisor_forwards_signals(supervised):
+    reactor, endpoint, supervisor = supervised
+    supervisor.signal_workers("HUP")
+    assert [w.transport.signals for w in supervisor.workers.values()] == [["HUP"], ["HUP"]]
+
+
+def test_parse_workers():
+    assert parse_workers(3) == 3
+    assert parse_workers("2") == 2
+    assert parse_workers("auto") >= 1
+    for bad in (0, -1, "many", True, 1.5):
+        with pytest.raises(ValueError):
+            parse_workers(bad)
+    with pytest.raises(ConfigError, match="expected a positive integer or auto"):
+        parse_config("workers: 0\nservices: {}\nroutes: []\n")
+
+
+def test_workers_log_like_the_master():
+    assert log_format_argument(["twist", "--log-format=json", "gateway"]) == "json"
+    assert log_format_argument(["twist", "--log-format", "json", "gateway"]) == "json"
+    assert log_format_argument(["twistd", "-n", "gateway"]) == "text"
+
+
+def test_check_summary_shows_workers_and_tls(tmp_path):
+    from gateway.tap import summary
+    from tests.certs import CA
+
+    cert, key = CA().write_issued(str(tmp_path), "s", names=["api.test"])
+    config = parse_config(
+        f"workers: auto\ntls: {{cert: {cert}, key: {key}}}\nservices: {{}}\nroutes: []\n", "g.yaml"
+    )
+    text = summary(config)
+    assert "workers: auto" in text and "tls: api.test (h2 offered)" in text

@@ -447,3 +447,116 @@ routes:
             assert gw.stop() == 0, gw.log()
         plain.stop()
         mutual.stop()
+
+
+# --- workers ---------------------------------------------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped) is not alive
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def _worker_config(backends, extra: str = "") -> str:
+    return _two_services(backends, _ROUTES_A, f"workers: 2\ndrain_timeout: 5s\n{extra}")
+
+
+def _worker_pids(gw) -> list:
+    return [w["pid"] for w in get(gw.admin_port, "/workers").json()["workers"]]
+
+
+def _metric(text: str, name: str) -> dict:
+    return {
+        labels: float(value)
+        for labels, value in re.findall(rf"^{name}(\{{[^}}]*\}})? (\S+)$", text, re.M)
+    }
+
+
+def test_workers_share_the_socket_and_merge_metrics(backends):
+    gw = Gateway(_worker_config(backends))
+    try:
+        wait_for(lambda: all(_worker_pids(gw)) and gw.log().count("GatewaySite starting on") == 2,
+                 what="both workers")
+        pids = _worker_pids(gw)
+        assert len(set(pids)) == 2 and gw.pid not in pids
+        for _ in range(40):
+            assert get(gw.port, "/stable/x").status == 200
+        metrics = get(gw.admin_port, "/metrics").body.decode()
+        served = _metric(metrics, "txgateway_worker_requests_total")
+        assert sum(served.values()) == 40, metrics
+        assert _metric(metrics, "txgateway_workers") == {"": 2.0}
+    finally:
+        assert gw.stop() == 0, gw.log()
+    for pid in pids:
+        assert not _alive(pid)
+    assert "Traceback" not in gw.log()
+
+
+def test_dead_worker_is_replaced(backends):
+    gw = Gateway(_worker_config(backends))
+    try:
+        wait_for(lambda: gw.log().count("GatewaySite starting on") == 2, what="both workers to listen")
+        first = _worker_pids(gw)
+        os.kill(first[0], signal.SIGKILL)
+        wait_for(lambda: None not in _worker_pids(gw) and _worker_pids(gw)[0] != first[0],
+                 timeout=10, what="the replacement worker")
+        after = _worker_pids(gw)
+        assert after[1] == first[1]
+        assert "worker 0 (pid %d) died" % first[0] in gw.log()
+        workers = get(gw.admin_port, "/workers").json()
+        assert workers["restarts_total"] == 1
+        wait_for(lambda: gw.log().count("GatewaySite starting on") == 3, timeout=10,
+                 what="the new worker to listen")
+        for _ in range(20):
+            assert get(gw.port, "/stable/x").status == 200
+    finally:
+        assert gw.stop() == 0, gw.log()
+    assert not any(_alive(pid) for pid in after)
+
+
+def test_sighup_reaches_workers_and_sigterm_drains_them(backends):
+    gw = Gateway(_worker_config(backends, "config_poll_interval: 0"))
+    try:
+        wait_for(lambda: gw.log().count("GatewaySite starting on") == 2, what="both workers")
+        gw.write_config(_two_services(backends, _ROUTES_B, "workers: 2\ndrain_timeout: 5s\nconfig_poll_interval: 0"))
+        os.kill(gw.pid, signal.SIGHUP)
+        wait_for(lambda: gw.log().count("config reloaded from") == 3, timeout=5,
+                 what="master and both workers to reload")
+        for _ in range(10):  # every worker serves the new routes
+            assert get(gw.port, "/extra/x").status == 200
+        # a slow request in flight in a worker finishes during the stop
+        result = {}
+
+        def slow():
+            result["r"] = get(gw.port, "/stable/slow?delay=1", timeout=15).status
+
+        t = threading.Thread(target=slow)
+        t.start()
+        a = backends[0]
+        wait_for(lambda: a.stats()["in_flight"] >= 1, what="the slow request")
+        gw.popen.send_signal(signal.SIGTERM)
+        assert gw.popen.wait(15) == 0
+        t.join(10)
+        assert result["r"] == 200
+    finally:
+        gw.stop()
+
+
+def test_workers_exit_when_the_master_is_killed(backends):
+    gw = Gateway(_worker_config(backends))
+    wait_for(lambda: all(_worker_pids(gw)), what="both workers")
+    pids = _worker_pids(gw)
+    gw.stop(signal.SIGKILL)
+    wait_for(lambda: not any(_alive(pid) for pid in pids), timeout=5, what="orphaned workers to exit")
+
+
+def test_workers_refuse_an_endpoint_they_cannot_share(backends):
+    with pytest.raises(RuntimeError, match="--workers needs a tcp:, tcp6: or systemd: listener"):
+        Gateway(_worker_config(backends), extra_args=["--listen", "unix:/tmp/txgateway-test.sock"])
