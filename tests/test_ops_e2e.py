@@ -560,3 +560,163 @@ def test_workers_exit_when_the_master_is_killed(backends):
 def test_workers_refuse_an_endpoint_they_cannot_share(backends):
     with pytest.raises(RuntimeError, match="--workers needs a tcp:, tcp6: or systemd: listener"):
         Gateway(_worker_config(backends), extra_args=["--listen", "unix:/tmp/txgateway-test.sock"])
+
+
+# --- systemd ---------------------------------------------------------------------------
+
+ETC = os.path.join(harness.ROOT, "etc")
+
+
+def test_systemd_units_verify(tmp_path):
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    twist = os.path.join(os.path.dirname(sys.executable), "twist")
+    for name in ("txgateway.service", "txgateway.socket"):
+        with open(os.path.join(ETC, name)) as f:
+            text = f.read()
+        # verify checks that the commands exist: point them at this install
+        (tmp_path / name).write_text(text.replace("/opt/txgateway/bin/twist", twist))
+    out = subprocess.run(
+        [analyze, "verify", str(tmp_path / "txgateway.socket"), str(tmp_path / "txgateway.service")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stderr.strip() == "", out.stderr
+    service = (tmp_path / "txgateway.service").read_text()
+    for line in ("Type=notify", "ExecReload=/bin/kill -HUP $MAINPID", "DynamicUser=yes",
+                 "NoNewPrivileges=yes", "ProtectSystem=strict", "PrivateTmp=yes", "Restart=always"):
+        assert line in service
+    assert "--listen systemd:domain=INET:index=0" in service
+
+
+class SocketActivated:
+    """
+    C{systemd-socket-activate} holding a listening socket on 127.0.0.1 and
+    running the gateway on it in a loop, as systemd's txgateway.socket and
+    C{Restart=} do: when the gateway exits, the next one adopts the same
+    socket. (systemd-socket-activate sets LISTEN_PID to its own pid, the
+    loop's shell; each gateway is started by a shell that sets LISTEN_PID
+    to itself and execs twistd.)
+    """
+
+    def __init__(self, config_text: str, extra_args=()) -> None:
+        self.dir = tempfile.mkdtemp(prefix="txgateway-activate-")
+        self.config_path = os.path.join(self.dir, "gateway.yaml")
+        with open(self.config_path, "w") as f:
+            f.write(config_text)
+        self.log_path = os.path.join(self.dir, "gateway.log")
+        self.stop_path = os.path.join(self.dir, "stop")
+        self.port = harness.closed_port()
+        twistd = " ".join(
+            [harness.TWISTD, "-n", "--pidfile=", "--logfile", self.log_path, "gateway",
+             "--config", self.config_path, "--listen", "systemd:domain=INET:index=0", *extra_args]
+        )
+        loop = (
+            f'while [ ! -e {self.stop_path} ]; do '
+            f'sh -c "export LISTEN_PID=\\$\\$; exec {twistd}" || sleep 0.5; done'
+        )
+        self.out = open(os.path.join(self.dir, "activate.out"), "wb")
+        # systemd-socket-activate passes on only the variables named by -E;
+        # Twisted wants LISTEN_FDNAMES, which systemd always sets but
+        # systemd-socket-activate only with --fdname.
+        passed = [arg for name in ("PATH", "PYTHONPATH", "PYTHONUNBUFFERED") for arg in ("-E", name)]
+        self.popen = subprocess.Popen(
+            ["systemd-socket-activate", "-l", f"127.0.0.1:{self.port}", "--fdname=http", *passed,
+             "sh", "-c", loop],
+            stdout=self.out, stderr=subprocess.STDOUT, env=harness.env(), cwd=harness.ROOT,
+        )
+        # systemd-socket-activate starts the program on the first connection
+        wait_for(lambda: self._listening(), what="the activation socket")
+
+    def _listening(self) -> bool:
+        if self.popen.poll() is not None:
+            raise RuntimeError(f"systemd-socket-activate exited: {self.log()}")
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+        except ConnectionRefusedError:
+            return False
+        return True
+
+    def log(self) -> str:
+        text = ""
+        for name in ("gateway.log", "activate.out"):
+            try:
+                with open(os.path.join(self.dir, name), errors="replace") as f:
+                    text += f.read()
+            except OSError:
+                pass
+        return text
+
+    def gateway_pid(self):
+        """The pid of the running twistd (the loop shell's child), or None."""
+        try:
+            with open(f"/proc/{self.popen.pid}/task/{self.popen.pid}/children") as f:
+                children = [int(p) for p in f.read().split()]
+        except OSError:
+            return None
+        for pid in children:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if b"twistd" in f.read():
+                        return pid
+            except OSError:
+                pass
+        return None
+
+    def stop(self) -> None:
+        open(self.stop_path, "w").close()
+        pid = self.gateway_pid()
+        if pid:
+            os.kill(pid, signal.SIGTERM)
+        try:
+            self.popen.wait(20)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(5)
+        self.out.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_socket_activated_restart_refuses_no_connection(backends, workers):
+    if shutil.which("systemd-socket-activate") is None:
+        pytest.skip("systemd-socket-activate is not installed")
+    config = _two_services(backends, _ROUTES_A, f"workers: {workers}\ndrain_timeout: 5s")
+    activated = SocketActivated(config)
+    results = {"ok": 0, "failures": []}
+    stop = threading.Event()
+
+    def client():
+        # a new connection for every request: each one must be accepted
+        while not stop.is_set():
+            try:
+                r = get(activated.port, "/stable/x", timeout=15)
+                if r.status == 200:
+                    results["ok"] += 1
+                else:
+                    results["failures"].append(r.status)
+            except Exception as e:  # noqa: BLE001
+                results["failures"].append(repr(e))
+
+    clients = [threading.Thread(target=client) for _ in range(3)]
+    try:
+        wait_for(activated.gateway_pid, what="the first gateway")
+        for t in clients:
+            t.start()
+        wait_for(lambda: results["ok"] > 20, what="traffic through the first gateway")
+        for restart in range(2):
+            old = activated.gateway_pid()
+            os.kill(old, signal.SIGTERM)
+            wait_for(lambda: activated.gateway_pid() not in (None, old), timeout=20,
+                     what=f"gateway restart {restart}")
+            served = results["ok"]
+            wait_for(lambda: results["ok"] > served + 20, timeout=20, what="traffic through the new gateway")
+    finally:
+        stop.set()
+        for t in clients:
+            t.join(20)
+        activated.stop()
+    log = activated.log()
+    assert results["failures"] == [], (results["failures"][:5], log[-3000:])
+    assert log.count("Server Shut Down.") == 3, log[-3000:]  # three gateways, each stopped cleanly
+    assert "Traceback" not in log, log
