@@ -164,15 +164,18 @@ class ConfigWatcher(Service):
         self.signal_observers: list[Callable[[], None]] = []
         #: The last refused file's error, or None after a good reload.
         self.last_error: Optional[ConfigError] = None
+        # What the file is now, just after it was loaded at start-up: not
+        # in startService, which runs after the listeners listen, when the
+        # file may already have been changed again.
+        try:
+            self._known = read_file(path, None)[0]
+        except OSError:
+            self._known = None
 
     # -- service -----------------------------------------------------------
 
     def startService(self) -> None:
         super().startService()
-        try:
-            self._known = read_file(self.path, None)[0]  # the file makeService loaded
-        except OSError:
-            self._known = None
         if self.interval > 0:
             self._loop = LoopingCall(self.check)
             self._loop.clock = self._clock

@@ -123,11 +123,13 @@ def test_fifty_reloads_under_load_fail_no_request(backends):
     assert load.ok > 200
     assert log.count("config reloaded from") == 50
     # Live within one poll interval (plus the read, parse and swap). The
-    # gateway's one core is saturated by the load, so its timers can run
-    # late: 48 of 50 within the interval plus 0.1s, all within 0.5s more.
+    # gateway's core is saturated by the load (and the test machine is
+    # shared), so its timers can run late: the median within the interval
+    # plus 50ms, 48 of 50 within 250ms more, all within a second.
     delays.sort()
-    assert delays[47] < POLL + 0.1, delays
-    assert delays[-1] < POLL + 0.5, delays
+    assert delays[25] < POLL + 0.05, delays
+    assert delays[47] < POLL + 0.25, delays
+    assert delays[-1] < 1.0, delays
     assert "Traceback" not in log
 
 
@@ -167,18 +169,21 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(backends):
         r = get(gw.port, "/stable/slow?delay=1.5", timeout=15)
         results["slow"] = (r.status, r.header("Connection"), time.monotonic() - started)
 
-    a = backends[0]
-    before = a.stats()["in_flight"]
-    t = threading.Thread(target=slow)
-    t.start()
-    wait_for(lambda: a.stats()["in_flight"] > before, what="the slow request to reach the backend")
-    sent = time.monotonic()
-    gw.popen.send_signal(signal.SIGTERM)
-    # stops accepting at once ...
-    wait_for(lambda: _refused(gw.port), timeout=3, what="the listener to close")
-    # ... lets the request in flight finish, then exits 0
-    code = gw.popen.wait(15)
-    t.join(15)
+    try:
+        a = backends[0]
+        before = a.stats()["in_flight"]
+        t = threading.Thread(target=slow)
+        t.start()
+        wait_for(lambda: a.stats()["in_flight"] > before, what="the slow request to reach the backend")
+        sent = time.monotonic()
+        gw.popen.send_signal(signal.SIGTERM)
+        # stops accepting at once ...
+        wait_for(lambda: _refused(gw.port), timeout=3, what="the listener to close")
+        # ... lets the request in flight finish, then exits 0
+        code = gw.popen.wait(15)
+        t.join(15)
+    finally:
+        gw.stop()
     assert code == 0, gw.log()
     assert results["slow"][:2] == (200, "close")
     assert time.monotonic() - sent >= 1.0
@@ -189,19 +194,22 @@ def test_drain_timeout_cuts_what_is_left(backends):
     gw = Gateway(_two_services(backends, _ROUTES_A, "drain_timeout: 0.5s"))
     a = backends[0]
     s = socket.create_connection(("127.0.0.1", gw.port))
-    s.sendall(b"GET /stable/slow?delay=30 HTTP/1.1\r\nHost: x\r\n\r\n")
-    before = a.stats()["abandoned"]
-    wait_for(lambda: a.stats()["in_flight"] >= 1, what="the request to reach the backend")
-    started = time.monotonic()
-    gw.popen.send_signal(signal.SIGTERM)
-    assert gw.popen.wait(10) == 0
-    assert 0.4 < time.monotonic() - started < 5
-    s.settimeout(5)
     try:
-        assert s.recv(100) == b""  # cut ...
-    except ConnectionResetError:
-        pass  # ... by a reset: abortConnection
-    s.close()
+        s.sendall(b"GET /stable/slow?delay=30 HTTP/1.1\r\nHost: x\r\n\r\n")
+        before = a.stats()["abandoned"]
+        wait_for(lambda: a.stats()["in_flight"] >= 1, what="the request to reach the backend")
+        started = time.monotonic()
+        gw.popen.send_signal(signal.SIGTERM)
+        assert gw.popen.wait(10) == 0
+        assert 0.4 < time.monotonic() - started < 5
+        s.settimeout(5)
+        try:
+            assert s.recv(100) == b""  # cut ...
+        except ConnectionResetError:
+            pass  # ... by a reset: abortConnection
+    finally:
+        s.close()
+        gw.stop()
     assert "drain timeout: aborting 1 connections" in gw.log()
     wait_for(lambda: a.stats()["abandoned"] > before, timeout=5, what="the backend request to be cancelled")
 
@@ -551,10 +559,17 @@ def test_sighup_reaches_workers_and_sigterm_drains_them(backends):
 
 def test_workers_exit_when_the_master_is_killed(backends):
     gw = Gateway(_worker_config(backends))
-    wait_for(lambda: all(_worker_pids(gw)), what="both workers")
-    pids = _worker_pids(gw)
-    gw.stop(signal.SIGKILL)
-    wait_for(lambda: not any(_alive(pid) for pid in pids), timeout=5, what="orphaned workers to exit")
+    pids = []
+    try:
+        wait_for(lambda: all(_worker_pids(gw)), what="both workers")
+        pids = _worker_pids(gw)
+        gw.stop(signal.SIGKILL)
+        wait_for(lambda: not any(_alive(pid) for pid in pids), timeout=5, what="orphaned workers to exit")
+    finally:
+        gw.stop()
+        for pid in pids:  # (only if the test failed)
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_workers_refuse_an_endpoint_they_cannot_share(backends):
