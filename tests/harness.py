@@ -136,7 +136,11 @@ class Gateway(Process):
                 raise RuntimeError(f"gateway exited with {popen.returncode}:\n{self.log()}")
             return re.search(r"GatewaySite(?: \(TLS\))? starting on (\d+)", self.log())
 
-        self.port = int(wait_for(started, what="the gateway's listener").group(1))
+        try:
+            self.port = int(wait_for(started, what="the gateway's listener").group(1))
+        except BaseException:
+            super().stop(signal.SIGKILL)  # never leave a gateway behind
+            raise
         admin = re.search(r"AdminSite starting on (\d+)", self.log())
         self.admin_port = int(admin.group(1)) if admin else None
 
