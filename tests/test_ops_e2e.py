@@ -735,3 +735,19 @@ def test_socket_activated_restart_refuses_no_connection(backends, workers):
     assert results["failures"] == [], (results["failures"][:5], log[-3000:])
     assert log.count("Server Shut Down.") == 3, log[-3000:]  # three gateways, each stopped cleanly
     assert "Traceback" not in log, log
+
+
+def test_readiness_and_stopping_are_notified(backends, tmp_path):
+    path = str(tmp_path / "notify")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(path)
+    listener.settimeout(10)
+    gw = Gateway(_two_services(backends, _ROUTES_A), env_extra={"NOTIFY_SOCKET": path})
+    try:
+        assert listener.recv(100) == b"READY=1"
+        gw.popen.send_signal(signal.SIGTERM)
+        assert listener.recv(100) == b"STOPPING=1"
+        assert gw.popen.wait(10) == 0
+    finally:
+        gw.stop()
+        listener.close()
