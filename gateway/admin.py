@@ -38,6 +38,8 @@ class HealthResource(Resource):
 
     def render_GET(self, request: server.Request) -> bytes:
         snapshot = self._gateway.snapshot
+        watcher = getattr(self._gateway, "config_watcher", None)
+        error = watcher.last_error if watcher is not None else None
         return json_response(
             request,
             200,
@@ -46,6 +48,10 @@ class HealthResource(Resource):
                 "config": snapshot.config.source,
                 "routes": len(snapshot.config.routes),
                 "services": len(snapshot.config.services),
+                # reloads so far, and why the last file was refused (None
+                # once a good file was loaded)
+                "config_reloads": dict(self._gateway.reloads),
+                "config_error": str(error) if error is not None else None,
             },
         )
 

@@ -373,6 +373,10 @@ FEATURE_MODULES: list[str] = [
     "gateway.filters.auth",
     "gateway.cachefilter",
     "gateway.filters.rewrite",
+    "gateway.reload",  # config_poll_interval
+    "gateway.drain",  # drain_timeout
+    "gateway.tls",  # tls (listener), services.*.tls (HTTPS backends)
+    "gateway.workers",  # workers
 ]
 
 
@@ -395,7 +399,8 @@ def _take_extensions(
 ) -> Mapping[str, Any]:
     options = {}
     for name, extension in table.items():
-        fallback = defaults.get(name, extension.default)
+        # a top-level value is the default only for keys that ask for it
+        fallback = defaults.get(name, extension.default) if extension.top_default else extension.default
         options[name] = section.take(
             name, lambda w, v, e=extension: e.parse(w, v, context), fallback
         )

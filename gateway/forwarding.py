@@ -47,6 +47,7 @@ from twisted.web._newclient import HTTPClientParser
 from zope.interface import implementer
 
 from gateway.config import Backend, Service
+from gateway.tls import backend_policy
 
 #: Hop-by-hop header names, lower-case (RFC 9110 §7.6.1; C{Keep-Alive} and
 #: C{Proxy-Connection} are the non-standard ones seen in the wild).
@@ -375,7 +376,10 @@ class ServiceForwarder:
         self.limits = ConnectionLimit(service.max_connections_per_backend)
         if agent is None:
             agent = Agent.usingEndpointFactory(
-                reactor, BackendEndpoints(reactor, service.timeouts.connect), pool=self.pool
+                reactor,
+                # HTTPS: verification, CA bundle, client certificate
+                BackendEndpoints(reactor, service.timeouts.connect, backend_policy(service)),
+                pool=self.pool,
             )
         self._agent = agent
 

@@ -166,6 +166,18 @@ class OutlierDetector:
         else:
             self.max_ejected = max(1, count * max_ejection_percent // 100)
 
+    def state_of(self, backend: Backend) -> "_Outlier":
+        """C{backend}'s ejection state, for L{adopt} by a successor."""
+        return self._hosts[backend]
+
+    def adopt(self, backend: Backend, state: "_Outlier") -> None:
+        """
+        Carry C{state} over from the detector this one replaces (a reload),
+        for a backend both know.
+        """
+        if backend in self._hosts:
+            self._hosts[backend] = state
+
     def is_ejected(self, backend: Backend) -> bool:
         """
         Is C{backend} ejected now? Unknown backends never are.
@@ -299,6 +311,18 @@ class ActiveHealthChecker:
         self._loop = LoopingCall(self._round)
         self._loop.clock = clock
         self._inflight: set[Deferred] = set()
+
+    def state_of(self, backend: Backend) -> HealthState:
+        """C{backend}'s health state, for L{adopt} by a successor."""
+        return self._states[backend]
+
+    def adopt(self, backend: Backend, state: HealthState) -> None:
+        """
+        Carry C{state} over from the checker this one replaces (a reload),
+        for a backend both know.
+        """
+        if backend in self._states:
+            self._states[backend] = state
 
     def start(self) -> None:
         """Start probing now, then every interval. Idempotent."""

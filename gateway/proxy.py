@@ -671,14 +671,30 @@ class GatewayRequest(server.Request):
     def _refuse(self) -> None:
         self._too_large = True
         self.content = _NullFile()
+        if not isinstance(self.channel, http.HTTPChannel):
+            # HTTP/2: no raw bytes on a shared connection; this stream gets
+            # its 413 when the request ends (requestReceived).
+            return
         refuse_connection(
             self.channel.transport, 413, "request body too large", self.requestHeaders
         )
 
     def requestReceived(self, command, path, version) -> None:
         if self._too_large:
+            if not isinstance(self.channel, http.HTTPChannel):
+                self._refuse_stream(command, path, version)
             return
         super().requestReceived(command, path, version)
+
+    def _refuse_stream(self, command, path, version) -> None:
+        """Answer 413 on an HTTP/2 stream whose body was too large."""
+        self.method, self.uri, self.clientproto = command, path, version
+        body = json.dumps({"error": "request body too large", "request_id": None}).encode("utf-8")
+        self.setResponseCode(413)
+        self.setHeader(b"Content-Type", b"application/json")
+        self.setHeader(b"Content-Length", b"%d" % len(body))
+        self.write(body)
+        self.finish()
 
 
 _PHRASES = {
@@ -742,7 +758,11 @@ class GatewayChannel(http.HTTPChannel):
     _header_call = None
 
     def connectionMade(self) -> None:
-        limits = self.site.gateway.snapshot.config.limits
+        gateway = getattr(self.site, "gateway", None)
+        if gateway is None:  # a plain Site (tests of the drainer): Twisted's limits
+            super().connectionMade()
+            return
+        limits = gateway.snapshot.config.limits
         self.maxHeaders = limits.max_header_count
         self.totalHeadersSize = limits.max_header_bytes
         # LineReceiver drops a longer line (one header, or the request line)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 import math
 import random
-from typing import Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
@@ -100,6 +100,10 @@ class ServiceRuntime:
                     cooldown=breaker.cooldown,
                     on_change=lambda old, new, b=backend: self._circuit_changed(b, old, new),
                 )
+        #: Other runtime state of each backend, by backend URL: whatever is
+        #: kept here survives a reload that changes the service, for the
+        #: backends that remain (see L{inherit}).
+        self.backend_state: dict[str, Any] = {}
 
     def _circuit_changed(self, backend: Backend, old: str, new: str) -> None:
         _log.info(
@@ -110,6 +114,31 @@ class ServiceRuntime:
             state=new,
             previous=old,
         )
+
+    def inherit(self, previous: "ServiceRuntime") -> None:
+        """
+        Take over the runtime state of C{previous}, the runtime of this
+        service in the config being replaced, for the backends that are
+        still listed.
+        """
+        urls = {backend.url for backend in self.service.backends}
+        for url, state in previous.backend_state.items():
+            if url in urls:
+                self.backend_state[url] = state
+        # Health, ejection and breaker state carry over where the settings
+        # that shaped them did not change (thresholds live in that state).
+        was = {backend.url: backend for backend in previous.service.backends}
+        old, new = previous.service, self.service
+        for backend in new.backends:
+            before = was.get(backend.url)
+            if before is None:
+                continue
+            if self.checker is not None and previous.checker is not None and new.health_check == old.health_check:
+                self.checker.adopt(backend, previous.checker.state_of(before))
+            if self.detector is not None and previous.detector is not None and new.passive_health == old.passive_health:
+                self.detector.adopt(backend, previous.detector.state_of(before))
+            if before in previous.breakers and backend in self.breakers and new.circuit_breaker == old.circuit_breaker:
+                self.breakers[backend] = previous.breakers[before]
 
     # --- choosing backends ---------------------------------------------------
 
@@ -279,6 +308,9 @@ class Gateway:
         self.running = False
         #: Called with each finished L{gateway.proxy.RequestContext}.
         self.request_observers: list[Callable] = []
+        #: Config reloads so far, by result (C{"ok"}, C{"error"}); counted
+        #: by L{gateway.reload.ConfigWatcher}, exported as metrics.
+        self.reloads: dict[str, int] = {"ok": 0, "error": 0}
         self.snapshot: Snapshot = self._build(config, {})
         for module in FEATURE_MODULES:
             importlib.import_module(module)
@@ -293,6 +325,8 @@ class Gateway:
                 services[name] = previous
             else:
                 services[name] = ServiceRuntime(self.reactor, service, self.rng, self._probe)
+                if previous is not None:
+                    services[name].inherit(previous)
         return Snapshot(config, Router(config.routes), services)
 
     def apply(self, config: Config) -> Deferred:
@@ -302,7 +336,9 @@ class Gateway:
         Runtimes of services that are gone or changed are closed once the
         swap is made (their health checks stop); their in-flight requests
         finish on the connections they hold. While the gateway is running,
-        the health checks of new runtimes start.
+        the health checks of new runtimes start. A changed service's new
+        runtime inherits the health, ejection and breaker state of the
+        backends it keeps (L{ServiceRuntime.inherit}).
 
         @return: a Deferred that fires when the old pools are closed.
         """

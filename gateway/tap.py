@@ -7,8 +7,20 @@ builds the tree with L{makeService}::
     GatewayService (MultiService)
       ├─ health checks      (HealthChecks: one LoopingCall per service with a health_check)
       ├─ filter services    (each request filter's C{service}, if any)
+      ├─ config watcher     (gateway.reload: poll + SIGHUP)
       ├─ admin listener     (StreamServerEndpointService, admin.listen)
       └─ main listener      (StreamServerEndpointService, listen)  added last, stops first
+
+With C{--workers N} (N > 1) this process is the master: its last child is
+a L{gateway.workers.WorkerSupervisor} in place of the main listener, and
+each worker runs this plugin with C{--worker-fd} (no admin listener, the
+inherited socket as its listener). See L{gateway.workers}.
+
+On stop (C{SIGTERM}) the listeners stop first, then open client
+connections drain for up to C{drain_timeout} seconds (L{gateway.drain}),
+then backend pools close; twistd exits 0. Under systemd (C{Type=notify})
+C{READY=1} is sent once the listeners listen and C{STOPPING=1} when the
+stop begins (L{gateway.sdnotify}).
 """
 
 from __future__ import annotations
@@ -18,6 +30,7 @@ import sys
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
@@ -34,6 +47,13 @@ def summary(config: Config) -> str:
     """A human-readable summary of a valid config, as printed by --check."""
     lines = [f"{config.source}: OK", f"listen: {config.listen}"]
     lines.append(f"admin: {config.admin.listen or 'off'}")
+    workers = config.options.get("workers", 1)
+    if workers != 1:
+        lines.append(f"workers: {workers}")
+    tls = config.options.get("tls")
+    if tls is not None:
+        names = "; ".join(",".join(c.names) or c.cert_path for c in tls.certificates)
+        lines.append(f"tls: {names}" + (" (h2 offered)" if tls.http2 else ""))
     for name, service in config.services.items():
         extras = [service.balancer + (f" on {service.hash_on}" if service.hash_on else "")]
         if service.health_check is not None:
@@ -71,6 +91,11 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", None, "Path of the YAML config file."],
         ["listen", "l", None, "Twisted endpoint for client traffic (overrides the file), e.g. tcp:8080."],
+        ["workers", "w", None,
+         "Worker processes serving the listener: a number, or auto for one per CPU "
+         "(overrides the file's workers; default 1, a single process)."],
+        ["worker-fd", None, None, "(internal) Serve the listening socket inherited as this fd, as a worker."],
+        ["worker-index", None, "0", "(internal) This worker's number."],
     ]
     optFlags = [
         ["check", None, "Validate the config file, print a summary or the errors, and exit."],
@@ -90,6 +115,14 @@ class Options(usage.Options):
                 print(str(e), file=sys.stderr)
                 raise SystemExit(1)
             raise usage.UsageError(str(e))
+        try:
+            self["workers"] = _workers(self["workers"] or config.options.get("workers", 1))
+        except ValueError as e:
+            raise usage.UsageError(f"--workers: {e}")
+        if self["worker-fd"] is not None:
+            self["worker-fd"] = int(self["worker-fd"])
+            self["worker-index"] = int(self["worker-index"])
+            self["workers"] = 1
         if self["listen"]:
             try:
                 serverFromString(_reactor(), self["listen"])
@@ -99,6 +132,12 @@ class Options(usage.Options):
             print(summary(config))
             raise SystemExit(0)
         self.config = config
+
+
+def _workers(value) -> int:
+    from gateway.workers import parse_workers
+
+    return parse_workers(value)
 
 
 def _reactor():
@@ -127,18 +166,38 @@ class GatewayService(MultiService):
     """
     The gateway's root service: its children are the periodic services and
     the listeners; on stop, the listeners stop first (they were added last),
-    then idle backend connections are closed.
+    then open client connections drain, then idle backend connections are
+    closed.
 
     @ivar gateway: the L{gateway.state.Gateway}.
+    @ivar drainer: the L{gateway.drain.Drainer} of the main listener, or
+        None (the master of workers has no client connections).
+    @ivar drain_timeout: seconds given to in-flight requests on stop.
     """
 
-    def __init__(self, gateway) -> None:
+    def __init__(self, gateway, drainer=None, drain_timeout: float = 0.0, notify=None) -> None:
         super().__init__()
         self.gateway = gateway
+        self.drainer = drainer
+        self.drain_timeout = drain_timeout
+        self._notify = notify or (lambda state: None)
+        #: Callables returning a Deferred that fires when a listener
+        #: listens, called once the children started (for READY=1).
+        self.readiness: list = []
+
+    def startService(self) -> None:
+        super().startService()
+        ready = gatherResults([when() for when in self.readiness], consumeErrors=True)
+        ready.addCallback(lambda _: self._notify("READY=1"))
+        ready.addErrback(lambda f: _log.failure("a listener failed to start", f))
 
     def stopService(self):
+        self._notify("STOPPING=1")
         d = super().stopService()
+        if self.drainer is not None:
+            d.addCallback(lambda _: self.drainer.drain(self.drain_timeout))
         d.addCallback(lambda _: self.gateway.close())
+        d.addErrback(lambda f: _log.failure("stopping the gateway failed", f))
         return d
 
 
@@ -162,6 +221,47 @@ class HealthChecks(Service):
         return super().stopService()
 
 
+def _listener(reactor, endpoint, factory, name: str) -> StreamServerEndpointService:
+    service = StreamServerEndpointService(endpoint, factory)
+    service.setName(name)
+    service._raiseSynchronously = True
+    return service
+
+
+def _when_listening(service: StreamServerEndpointService) -> Deferred:
+    """
+    A Deferred that fires when C{service}, started, listens (its own
+    Deferred's result is passed through untouched: its C{stopService}
+    needs the port).
+    """
+    done: Deferred = Deferred()
+
+    def fire(result):
+        done.callback(None)
+        return result
+
+    service._waitingForPort.addBoth(fire)
+    return done
+
+
+def _check_worker_endpoint(endpoint, listen: str) -> None:
+    """
+    @raise usage.UsageError: C{endpoint} is not one whose socket workers
+        can share (TCP, or an inherited C{systemd:} socket).
+    """
+    from twisted.internet.endpoints import (
+        AdoptedStreamServerEndpoint,
+        TCP4ServerEndpoint,
+        TCP6ServerEndpoint,
+    )
+
+    if not isinstance(endpoint, (TCP4ServerEndpoint, TCP6ServerEndpoint, AdoptedStreamServerEndpoint)):
+        raise usage.UsageError(
+            f"--workers needs a tcp:, tcp6: or systemd: listener, not {listen!r} "
+            "(for TLS with workers, use the config's tls: key)"
+        )
+
+
 def makeService(options: Options, reactor=None) -> GatewayService:
     """
     Build the service tree from parsed options.
@@ -170,34 +270,56 @@ def makeService(options: Options, reactor=None) -> GatewayService:
     @raise ValueError: an endpoint string cannot be parsed.
     """
     from gateway.admin import admin_site
+    from gateway.drain import Drainer
     from gateway.proxy import GatewaySite
+    from gateway.reload import ConfigWatcher
+    from gateway.sdnotify import notify
     from gateway.state import Gateway
 
     if reactor is None:
         reactor = _reactor()
     config: Config = getattr(options, "config", None) or load_config(options["config"])
     gateway = Gateway(reactor, config)
-    root = GatewayService(gateway)
-    # Before the listeners: probes start before the first client request.
-    HealthChecks(gateway).setServiceParent(root)
-    for f in gateway.filters:  # their services start before the listeners
-        service = getattr(f, "service", None)
-        if service is not None:
-            service.setServiceParent(root)
+    worker_fd = options.get("worker-fd")
+    workers = options.get("workers") or 1
+    is_master = worker_fd is None and workers > 1
+    drain_timeout = config.options.get("drain_timeout", 30.0)
+    drainer = None if is_master else Drainer(reactor)
+    root = GatewayService(
+        gateway,
+        drainer,
+        drain_timeout,
+        notify=notify if worker_fd is None else None,
+    )
 
-    # Services of request filters (GC loops, log flushers, feeds) start
-    # before the listeners and stop after them.
-    for request_filter in gateway.filters:
-        service = getattr(request_filter, "service", None)
-        if service is not None:
-            service.setServiceParent(root)
+    if not is_master:
+        # Before the listeners: health probes start before the first client
+        # request, and the services of request filters (GC loops, fetchers,
+        # flushers) start before and stop after them. A master serves no
+        # traffic: its workers run these.
+        HealthChecks(gateway).setServiceParent(root)
+        for request_filter in gateway.filters:
+            service = getattr(request_filter, "service", None)
+            if service is not None:
+                service.setServiceParent(root)
 
-    if config.admin.listen:
-        admin = StreamServerEndpointService(
-            serverFromString(reactor, with_backlog(config.admin.listen)), admin_site(gateway)
+    watcher = ConfigWatcher(
+        gateway,
+        options["config"],
+        config.options.get("config_poll_interval", 5.0),
+        reactor,
+    )
+    watcher.setServiceParent(root)
+    #: (for the admin resources) the watcher's last refused file.
+    gateway.config_watcher = watcher
+
+    admin_root = None
+    if config.admin.listen and worker_fd is None:
+        site = admin_site(gateway)
+        admin_root = site.resource
+        admin = _listener(
+            reactor, serverFromString(reactor, with_backlog(config.admin.listen)), site, "admin-listener"
         )
-        admin.setName("admin-listener")
-        admin._raiseSynchronously = True
         admin.setServiceParent(root)
 
     # twistd re-raises the signal that stopped the reactor once it has
@@ -208,16 +330,63 @@ def makeService(options: Options, reactor=None) -> GatewayService:
     )
 
     listen = options["listen"] or config.listen
-    listener = StreamServerEndpointService(
-        serverFromString(reactor, with_backlog(listen)), GatewaySite(gateway)
-    )
-    listener.setName("listener")
-    listener._raiseSynchronously = True
-    listener.setServiceParent(root)
-    _log.info(
-        "txgateway serving {routes} routes on {listen}, admin on {admin}",
-        routes=len(config.routes),
-        listen=listen,
-        admin=config.admin.listen,
-    )
+    if worker_fd is not None:
+        from gateway.workers import ParentWatch, adopted_endpoint, count_requests
+
+        endpoint = adopted_endpoint(reactor, worker_fd)
+        ParentWatch(reactor).setServiceParent(root)
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            count_requests(gateway, options["worker-index"])
+    else:
+        endpoint = serverFromString(reactor, with_backlog(listen))
+
+    if is_master:
+        from gateway.workers import (
+            MergedMetricsResource,
+            WorkersResource,
+            WorkerSupervisor,
+            worker_command,
+        )
+
+        _check_worker_endpoint(endpoint, listen)
+        supervisor = WorkerSupervisor(
+            reactor,
+            endpoint,
+            workers,
+            lambda index: worker_command(options, index),
+            drain_timeout,
+        )
+        watcher.signal_observers.append(supervisor.signal_workers)
+        if admin_root is not None:
+            admin_root.putChild(b"workers", WorkersResource(supervisor))
+            admin_root.putChild(b"metrics", MergedMetricsResource(supervisor))
+        supervisor.setName("workers")
+        supervisor.setServiceParent(root)
+        root.readiness.append(lambda: supervisor.ready)
+    else:
+        site = GatewaySite(gateway)
+        drainer.install(site)
+        factory = site
+        if config.options.get("tls") is not None:
+            from gateway.tls import wrap_listener
+
+            factory = wrap_listener(gateway, site)
+        listener = _listener(reactor, endpoint, factory, "listener")
+        listener.setServiceParent(root)
+        root.readiness.append(lambda: _when_listening(listener))
+
+    if worker_fd is not None:
+        _log.info(
+            "txgateway worker {index} serving {routes} routes on the master's socket",
+            index=options["worker-index"],
+            routes=len(config.routes),
+        )
+    else:
+        _log.info(
+            "txgateway serving {routes} routes on {listen}, admin on {admin}, {workers} worker(s)",
+            routes=len(config.routes),
+            listen=listen,
+            admin=config.admin.listen,
+            workers=workers,
+        )
     return root

@@ -103,20 +103,30 @@ class Backend(Process):
 
 
 class Gateway(Process):
-    """A real C{twistd -n gateway} process on ephemeral ports."""
+    """
+    A real C{twistd -n gateway} process on ephemeral ports.
 
-    def __init__(self, config_text: str, extra_args=()) -> None:
+    @param config_text: the YAML config, written to a temporary file
+        (L{write_config} replaces it, as an operator would).
+    @param extra_args: more arguments for the gateway plugin.
+    @param env_extra: more environment variables.
+    """
+
+    def __init__(self, config_text: str, extra_args=(), env_extra=None) -> None:
         fd, self.config_path = tempfile.mkstemp(prefix="gateway-", suffix=".yaml")
         with os.fdopen(fd, "w") as f:
             f.write(config_text)
         fd, log_path = tempfile.mkstemp(prefix="gateway-", suffix=".log")
         os.close(fd)
+        # Worker processes write their logs to the master's stdout.
+        self.stdout_path = log_path + ".out"
+        self._stdout = open(self.stdout_path, "wb")
         popen = subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", "--logfile", log_path, "gateway",
              "--config", self.config_path, *extra_args],
-            stdout=subprocess.DEVNULL,
+            stdout=self._stdout,
             stderr=subprocess.STDOUT,
-            env=env(),
+            env={**env(), **(env_extra or {})},
             cwd=ROOT,
         )
         super().__init__(popen, log_path)
@@ -124,14 +134,35 @@ class Gateway(Process):
         def started():
             if popen.poll() is not None:
                 raise RuntimeError(f"gateway exited with {popen.returncode}:\n{self.log()}")
-            return re.search(r"GatewaySite starting on (\d+)", self.log())
+            return re.search(r"GatewaySite(?: \(TLS\))? starting on (\d+)", self.log())
 
-        self.port = int(wait_for(started, what="the gateway's listener").group(1))
+        try:
+            self.port = int(wait_for(started, what="the gateway's listener").group(1))
+        except BaseException:
+            super().stop(signal.SIGKILL)  # never leave a gateway behind
+            raise
         admin = re.search(r"AdminSite starting on (\d+)", self.log())
         self.admin_port = int(admin.group(1)) if admin else None
 
+    def log(self) -> str:
+        text = super().log()
+        try:
+            with open(self.stdout_path, errors="replace") as f:
+                text += f.read()
+        except OSError:
+            pass
+        return text
+
+    def write_config(self, config_text: str) -> None:
+        """Replace the config file atomically (write, then rename)."""
+        tmp = self.config_path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(config_text)
+        os.replace(tmp, self.config_path)
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> Optional[int]:
         code = super().stop(sig, timeout)
+        self._stdout.close()
         for path in (self.config_path,):
             try:
                 os.unlink(path)

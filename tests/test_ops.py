@@ -1,0 +1,549 @@
+"""Unit tests for the operations modules: reload, drain, TLS config, workers, sd_notify."""
+
+from gateway.config import parse_config
+
+
+def test_partial_sections_keep_their_defaults():
+    # Defaults of attrs slotted classes must come from attrs.fields(), not
+    # the class attribute (a member descriptor).
+    config = parse_config(
+        """
+admin: {}
+limits: {}
+services:
+  a: {backends: [{url: "http://127.0.0.1:1"}], timeouts: {response: 60s}}
+routes: []
+"""
+    )
+    assert config.services["a"].timeouts.connect == 2.0
+    assert config.admin.listen == "tcp:9901:interface=127.0.0.1"
+    assert config.limits.max_request_body == 10 * 1024 * 1024
+
+
+# --- hot reload ---------------------------------------------------------------
+
+import os
+import signal as _signal
+import socket
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from gateway.reload import ConfigWatcher
+from gateway.state import Gateway
+
+
+def _config_text(service="a", poll="1s", extra=""):
+    return f"""
+config_poll_interval: {poll}
+services:
+  a: {{backends: [{{url: "http://127.0.0.1:9001"}}, {{url: "http://127.0.0.1:9002"}}]}}
+  b: {{backends: [{{url: "http://127.0.0.1:9003"}}]}}
+routes:
+  - {{name: r, match: {{path_prefix: /r}}, service: {service}}}
+{extra}
+"""
+
+
+class _Reactor(Clock):
+    """A clock that is also enough of a reactor for Gateway and the watcher."""
+
+    def callFromThread(self, f, *args):
+        f(*args)
+
+
+@pytest.fixture
+def watched(tmp_path):
+    path = tmp_path / "gateway.yaml"
+    path.write_text(_config_text())
+    reactor = _Reactor()
+    gateway = Gateway(reactor, parse_config(path.read_text(), str(path)))
+    watcher = ConfigWatcher(
+        gateway, str(path), 1.0, reactor, run=lambda f, *a: defer.maybeDeferred(f, *a),
+        install_signal=False,
+    )
+    watcher.startService()
+    yield path, reactor, gateway, watcher
+    watcher.stopService()
+
+
+def _rewrite(path, text):
+    path.write_text(text)
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # a visibly new mtime
+
+
+def test_poll_applies_a_changed_file_within_one_interval(watched):
+    path, reactor, gateway, watcher = watched
+    old = gateway.snapshot
+    _rewrite(path, _config_text(service="b"))
+    reactor.advance(0.5)
+    assert gateway.snapshot is old
+    reactor.advance(0.5)
+    assert gateway.snapshot is not old
+    assert gateway.snapshot.config.routes[0].service == "b"
+    assert gateway.reloads == {"ok": 1, "error": 0}
+    # unchanged services keep their runtime (pools, balancer state)
+    assert gateway.snapshot.services["a"] is old.services["a"]
+
+
+def test_same_content_or_touch_does_not_reload(watched):
+    path, reactor, gateway, watcher = watched
+    old = gateway.snapshot
+    _rewrite(path, _config_text())  # same bytes, new mtime
+    reactor.pump([1.0] * 3)
+    assert gateway.snapshot is old
+    assert gateway.reloads == {"ok": 0, "error": 0}
+
+
+def test_bad_file_changes_nothing_and_is_counted(watched):
+    path, reactor, gateway, watcher = watched
+    old = gateway.snapshot
+    _rewrite(path, _config_text(service="nope"))
+    reactor.pump([1.0] * 3)  # checked three times, refused (and counted) once
+    assert gateway.snapshot is old
+    assert gateway.reloads == {"ok": 0, "error": 1}
+    error = watcher.last_error
+    assert error.path == str(path) and error.line == 7 and "no service named 'nope'" in error.reason
+    _rewrite(path, _config_text(service="b"))
+    reactor.advance(1.0)
+    assert gateway.snapshot.config.routes[0].service == "b"
+    assert watcher.last_error is None
+    assert gateway.reloads == {"ok": 1, "error": 1}
+
+
+def test_unreadable_file_is_an_error(watched):
+    path, reactor, gateway, watcher = watched
+    old = gateway.snapshot
+    path.unlink()
+    reactor.advance(1.0)
+    assert gateway.snapshot is old
+    assert gateway.reloads["error"] == 1
+    assert "cannot read the file" in watcher.last_error.reason
+
+
+def test_forced_reload_reparses_an_unchanged_file(watched):
+    path, reactor, gateway, watcher = watched
+    old = gateway.snapshot
+    watcher.reload()
+    assert gateway.snapshot is not old
+    assert gateway.reloads == {"ok": 1, "error": 0}
+
+
+def test_changed_service_inherits_state_of_remaining_backends(watched):
+    path, reactor, gateway, watcher = watched
+    runtime = gateway.snapshot.services["a"]
+    runtime.backend_state["http://127.0.0.1:9001"] = "kept"
+    runtime.backend_state["http://127.0.0.1:9002"] = "dropped"
+    _rewrite(path, _config_text().replace(', {url: "http://127.0.0.1:9002"}', ""))
+    reactor.advance(1.0)
+    new = gateway.snapshot.services["a"]
+    assert new is not runtime
+    assert new.backend_state == {"http://127.0.0.1:9001": "kept"}
+
+
+def test_filters_are_kept_and_reconfigured(watched):
+    path, reactor, gateway, watcher = watched
+    seen = []
+
+    class Filter:
+        name = "probe"
+
+        def reconfigure(self, snapshot):
+            seen.append(snapshot)
+
+    probe = Filter()
+    gateway.filters = (probe,)
+    _rewrite(path, _config_text(service="b"))
+    reactor.advance(1.0)
+    assert gateway.filters == (probe,)  # the same objects: bucket levels kept
+    assert seen == [gateway.snapshot]
+
+
+def test_sighup_reloads(tmp_path):
+    path = tmp_path / "gateway.yaml"
+    path.write_text(_config_text(poll="0"))
+    reactor = _Reactor()
+    gateway = Gateway(reactor, parse_config(path.read_text(), str(path)))
+    watcher = ConfigWatcher(gateway, str(path), 0, reactor, run=lambda f, *a: defer.maybeDeferred(f, *a))
+    forwarded = []
+    watcher.signal_observers.append(lambda: forwarded.append(True))
+    watcher.startService()
+    try:
+        assert reactor.getDelayedCalls() == []  # no polling with interval 0
+        path.write_text(_config_text(service="b", poll="0"))
+        os.kill(os.getpid(), _signal.SIGHUP)
+        assert gateway.snapshot.config.routes[0].service == "b"
+        assert forwarded == [True]
+    finally:
+        watcher.stopService()
+    assert _signal.getsignal(_signal.SIGHUP) in (_signal.SIG_DFL, _signal.default_int_handler) or \
+        _signal.getsignal(_signal.SIGHUP) is not watcher._on_sighup
+
+
+def test_restart_only_changes_are_reported():
+    from gateway.reload import restart_only_changes
+
+    old = parse_config(_config_text())
+    new = parse_config("listen: tcp:9999\nadmin: {listen: 'tcp:9998'}\n" + _config_text())
+    assert restart_only_changes(old, new) == ["listen", "admin.listen"]
+
+
+# --- graceful drain -------------------------------------------------------------
+
+from twisted.internet.testing import StringTransportWithDisconnection
+from twisted.web import server
+from twisted.web.resource import Resource
+
+from gateway.drain import Drainer
+
+
+class _Held(Resource):
+    """Holds every request until the test finishes it."""
+
+    isLeaf = True
+
+    def __init__(self):
+        super().__init__()
+        self.held = []
+
+    def render_GET(self, request):
+        self.held.append(request)
+        return server.NOT_DONE_YET
+
+
+def _connect(site):
+    protocol = site.buildProtocol(None)
+    transport = StringTransportWithDisconnection()
+    transport.protocol = protocol
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def _drain_setup():
+    clock = Clock()
+    resource = _Held()
+    site = server.Site(resource, reactor=clock)
+    drainer = Drainer(clock)
+    drainer.install(site)
+    return clock, resource, site, drainer
+
+
+def test_drain_closes_idle_connections_and_lets_requests_finish():
+    clock, resource, site, drainer = _drain_setup()
+    idle, idle_transport = _connect(site)
+    idle.dataReceived(b"GET /quick HTTP/1.1\r\nHost: x\r\n\r\n")
+    resource.held.pop().finish()  # served once: now an idle keep-alive connection
+    busy, busy_transport = _connect(site)
+    busy.dataReceived(b"GET /long HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert len(drainer.connections) == 2
+    done = drainer.drain(30)
+    assert not idle_transport.connected  # closed at once
+    assert busy_transport.connected
+    clock.pump([1.0] * 5)
+    assert busy_transport.connected and not done.called
+    request = resource.held[0]
+    request.write(b"done")
+    request.finish()
+    response = busy_transport.value()
+    assert b"HTTP/1.1 200" in response and b"Connection: close" in response
+    assert not busy_transport.connected  # closed after its response
+    clock.advance(0.1)
+    assert done.result == 0
+    assert drainer.connections == set()
+    assert clock.getDelayedCalls() == []
+
+
+def test_drain_gives_a_new_connection_time_for_its_first_request():
+    clock, resource, site, drainer = _drain_setup()
+    late, late_transport = _connect(site)  # accepted just before the stop
+    silent, silent_transport = _connect(site)
+    done = drainer.drain(30)
+    clock.pump([0.05] * 4)
+    assert late_transport.connected and silent_transport.connected
+    late.dataReceived(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+    resource.held.pop().finish()
+    assert b"Connection: close" in late_transport.value()
+    assert not late_transport.connected
+    clock.pump([0.05] * 20)  # the grace is over: the silent one is closed
+    assert not silent_transport.connected
+    clock.advance(0.05)
+    assert done.result == 0
+
+
+def test_drain_aborts_what_is_left_at_the_timeout():
+    clock, resource, site, drainer = _drain_setup()
+    busy, transport = _connect(site)
+    busy.dataReceived(b"GET /forever HTTP/1.1\r\nHost: x\r\n\r\n")
+    done = drainer.drain(2)
+    clock.pump([0.5] * 3)
+    assert transport.connected and not done.called
+    clock.pump([0.5] * 2)
+    assert transport.disconnected  # aborted
+    clock.pump([0.05] * 3)
+    assert done.result == 1
+    assert clock.getDelayedCalls() == []
+
+
+def test_drain_with_no_connections_is_immediate():
+    clock, resource, site, drainer = _drain_setup()
+    assert drainer.drain(30).result == 0
+
+
+# --- sd_notify -----------------------------------------------------------------
+
+from gateway.sdnotify import notify
+
+
+def test_notify_sends_one_datagram(tmp_path):
+    path = str(tmp_path / "notify")
+    server_socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server_socket.bind(path)
+    try:
+        assert notify("READY=1", {"NOTIFY_SOCKET": path})
+        assert server_socket.recv(100) == b"READY=1"
+    finally:
+        server_socket.close()
+
+
+def test_notify_abstract_socket():
+    server_socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    name = f"txgateway-test-{os.getpid()}"
+    server_socket.bind("\0" + name)
+    try:
+        assert notify("STOPPING=1", {"NOTIFY_SOCKET": "@" + name})
+        assert server_socket.recv(100) == b"STOPPING=1"
+    finally:
+        server_socket.close()
+
+
+def test_notify_without_systemd_does_nothing(tmp_path):
+    assert not notify("READY=1", {})
+    assert not notify("READY=1", {"NOTIFY_SOCKET": str(tmp_path / "absent")})
+
+
+# --- TLS config -------------------------------------------------------------------
+
+from gateway.config import ConfigError
+from gateway.tls import BackendTLSPolicy, _matches, backend_policy
+from twisted.web.client import BrowserLikePolicyForHTTPS
+
+
+def test_sni_name_matching():
+    assert _matches("api.test", "api.test")
+    assert _matches("*.admin.test", "x.admin.test")
+    assert not _matches("*.admin.test", "admin.test")
+    assert not _matches("*.admin.test", "a.b.admin.test")
+    assert not _matches("api.test", "www.api.test")
+
+
+def test_tls_config_errors_name_the_line(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        parse_config("tls: {cert: /nonexistent.pem, key: /nonexistent.key}\nservices: {}\nroutes: []\n", "g.yaml")
+    assert e.value.line == 1 and "tls.cert: cannot read /nonexistent.pem" in e.value.reason
+    with pytest.raises(ConfigError, match="needs cert and key"):
+        parse_config("tls: {http2: true}\nservices: {}\nroutes: []\n", "g.yaml")
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate")
+    with pytest.raises(ConfigError, match="not a PEM certificate"):
+        parse_config(
+            f"services:\n  a:\n    backends: [{{url: 'https://x'}}]\n    tls: {{ca: {bad}}}\nroutes: []\n",
+            "g.yaml",
+        )
+
+
+def test_backend_policy_defaults_to_browser_like_verification(tmp_path):
+    from tests.certs import CA
+
+    config = parse_config(
+        f"""
+services:
+  plain: {{backends: [{{url: "https://example.com"}}]}}
+  ours:
+    backends: [{{url: "https://example.com"}}]
+    tls: {{ca: {CA().write(str(tmp_path))}}}
+routes: []
+"""
+    )
+    assert isinstance(backend_policy(config.services["plain"]), BrowserLikePolicyForHTTPS)
+    policy = backend_policy(config.services["ours"])
+    assert isinstance(policy, BackendTLSPolicy)
+    # one connection creator per backend, reused
+    assert policy.creatorForNetloc(b"example.com", 443) is policy.creatorForNetloc(b"example.com", 443)
+
+
+def test_top_level_tls_is_not_a_service_default(tmp_path):
+    from tests.certs import CA
+
+    ca = CA()
+    cert, key = ca.write_issued(str(tmp_path), "s", names=["a.test"])
+    config = parse_config(
+        f"tls: {{cert: {cert}, key: {key}}}\nservices: {{a: {{backends: [{{url: 'https://x'}}]}}}}\nroutes: []\n"
+    )
+    assert config.options["tls"].certificates[0].names == ("a.test",)
+    assert config.services["a"].options["tls"] is None
+
+
+# --- workers -------------------------------------------------------------------
+
+from twisted.internet.error import ProcessTerminated
+from twisted.python.failure import Failure
+
+from gateway.workers import (
+    WorkerSupervisor,
+    log_format_argument,
+    parse_workers,
+)
+
+
+class _FakeProcessReactor(Clock):
+    def __init__(self):
+        super().__init__()
+        self.spawned = []
+        self._next_pid = 1000
+
+    def spawnProcess(self, protocol, executable, args, env=None, childFDs=None):
+        self._next_pid += 1
+        transport = _FakeProcess(self._next_pid)
+        protocol.makeConnection(transport)
+        self.spawned.append((protocol, args, env, childFDs))
+        return transport
+
+
+class _FakeProcess:
+    def __init__(self, pid):
+        self.pid = pid
+        self.signals = []
+
+    def closeStdin(self):
+        pass
+
+    def signalProcess(self, name):
+        self.signals.append(name)
+
+
+class _FakePort:
+    def __init__(self):
+        self.reading = True
+        self.closed = False
+
+    def stopReading(self):
+        self.reading = False
+
+    def fileno(self):
+        return 42
+
+    def getHost(self):
+        return "fake:0"
+
+    def stopListening(self):
+        self.closed = True
+        return defer.succeed(None)
+
+
+class _FakeEndpoint:
+    def __init__(self):
+        self.port = _FakePort()
+
+    def listen(self, factory):
+        return defer.succeed(self.port)
+
+
+@pytest.fixture
+def supervised(tmp_path, monkeypatch):
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "metrics"))
+    monkeypatch.setenv("NOTIFY_SOCKET", "/run/systemd/notify")
+    reactor = _FakeProcessReactor()
+    endpoint = _FakeEndpoint()
+    supervisor = WorkerSupervisor(reactor, endpoint, 2, lambda i: ["worker", str(i)], 5.0, executable="py")
+    supervisor.privilegedStartService()
+    supervisor.startService()
+    return reactor, endpoint, supervisor
+
+
+def _die(protocol, code=1):
+    protocol.processEnded(Failure(ProcessTerminated(exitCode=code)))
+
+
+def test_supervisor_spawns_workers_on_the_shared_socket(supervised):
+    reactor, endpoint, supervisor = supervised
+    assert not endpoint.port.reading  # the master never accepts
+    assert len(reactor.spawned) == 2
+    protocol, args, env, fds = reactor.spawned[1]
+    assert args == ["py", "worker", "1"]
+    assert fds[3] == 42
+    assert env["TXGATEWAY_WORKER"] == "1" and "NOTIFY_SOCKET" not in env
+    assert env["PROMETHEUS_MULTIPROC_DIR"] == supervisor.metrics_dir
+    assert supervisor.ready.called
+
+
+def test_supervisor_replaces_dead_workers_with_growing_delays(supervised):
+    reactor, endpoint, supervisor = supervised
+    delays = []
+    for _ in range(7):
+        worker = supervisor.workers[0]
+        _die(worker)
+        call = supervisor._pending[0]
+        delays.append(call.getTime() - reactor.seconds())
+        reactor.advance(call.getTime() - reactor.seconds())
+        assert supervisor.workers[0] is not worker
+        reactor.advance(1.0)  # each crash a second after the start
+    assert delays[:3] == [0.0, 0.0, 0.0]
+    assert delays[3:] == sorted(delays[3:]) and delays[3] > 0 and delays[-1] <= 30
+    assert supervisor.restarts_total == 7
+    # after a quiet spell, restarts are immediate again
+    reactor.advance(60)
+    _die(supervisor.workers[0])
+    assert supervisor._pending[0].getTime() == reactor.seconds()
+
+
+def test_supervisor_stop_terminates_then_kills(supervised):
+    reactor, endpoint, supervisor = supervised
+    workers = list(supervisor.workers.values())
+    stopped = supervisor.stopService()
+    assert endpoint.port.closed
+    assert all(w.transport.signals == ["TERM"] for w in workers)
+    _die(workers[0], 0)
+    assert not stopped.called
+    assert supervisor._pending == {}  # no replacement while stopping
+    reactor.advance(5.0 + 10)
+    assert workers[1].transport.signals == ["TERM", "KILL"]
+    _die(workers[1], None)
+    assert stopped.called
+    assert len(reactor.spawned) == 2
+
+
+def test_supervisor_forwards_signals(supervised):
+    reactor, endpoint, supervisor = supervised
+    supervisor.signal_workers("HUP")
+    assert [w.transport.signals for w in supervisor.workers.values()] == [["HUP"], ["HUP"]]
+
+
+def test_parse_workers():
+    assert parse_workers(3) == 3
+    assert parse_workers("2") == 2
+    assert parse_workers("auto") >= 1
+    for bad in (0, -1, "many", True, 1.5):
+        with pytest.raises(ValueError):
+            parse_workers(bad)
+    with pytest.raises(ConfigError, match="expected a positive integer or auto"):
+        parse_config("workers: 0\nservices: {}\nroutes: []\n")
+
+
+def test_workers_log_like_the_master():
+    assert log_format_argument(["twist", "--log-format=json", "gateway"]) == "json"
+    assert log_format_argument(["twist", "--log-format", "json", "gateway"]) == "json"
+    assert log_format_argument(["twistd", "-n", "gateway"]) == "text"
+
+
+def test_check_summary_shows_workers_and_tls(tmp_path):
+    from gateway.tap import summary
+    from tests.certs import CA
+
+    cert, key = CA().write_issued(str(tmp_path), "s", names=["api.test"])
+    config = parse_config(
+        f"workers: auto\ntls: {{cert: {cert}, key: {key}}}\nservices: {{}}\nroutes: []\n", "g.yaml"
+    )
+    text = summary(config)
+    assert "workers: auto" in text and "tls: api.test (h2 offered)" in text
