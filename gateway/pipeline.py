@@ -7,8 +7,9 @@ factory, runs their C{on_request} in ascending C{order} before a request is
 forwarded, and their C{on_response} just before response headers go out.
 The documented order:
 
-    0 request ID (core)  10 access log  20 IP rules  30 CORS  40 auth
-    50 rate limit  60 cache  70 circuit breaker  then forward
+    0 request ID (core)  5 trace context  10 access log  20 IP rules
+    30 CORS  40 auth  50 rate limit  60 cache  70 circuit breaker
+    then forward
 
 A filter is an object with (all optional but C{name}):
 
@@ -25,6 +26,9 @@ A filter is an object with (all optional but C{name}):
 
 Per-route settings come from C{context.route.options[NAME]} (see
 L{gateway.config.register}); per-request state goes in C{context.notes}.
+Headers for the backend go in C{context.notes["upstream_headers"]}, a list
+of C{(name, value)} byte pairs; each replaces the client's header of that
+name, and a value of None removes it (L{gateway.proxy.apply_upstream_headers}).
 """
 
 from __future__ import annotations

@@ -91,6 +91,26 @@ class RequestContext:
         self.notes: dict = {}
 
 
+def apply_upstream_headers(headers, extra) -> None:
+    """
+    Apply the headers request filters asked to send to the backend.
+
+    A filter puts C{(name, value)} byte pairs in
+    C{context.notes["upstream_headers"]} (a list); each replaces any header
+    of that name the client sent, and a value of None removes the header.
+
+    @param headers: the upstream L{Headers}, changed in place.
+    @param extra: the list, or None for none.
+    """
+    if not extra:
+        return
+    for name, value in extra:
+        if value is None:
+            headers.removeHeader(name)
+        else:
+            headers.setRawHeaders(name, [value])
+
+
 class ProxyResource(Resource):
     """
     The leaf resource serving every client request on the main listener.
@@ -245,6 +265,7 @@ class ProxyResource(Resource):
             backend=backend,
         )
         forwarded.setRawHeaders(b"X-Request-Id", [context.request_id.encode("ascii")])
+        apply_upstream_headers(forwarded, context.notes.get("upstream_headers"))
         body = None
         if headers.hasHeader(b"content-length") or headers.hasHeader(b"transfer-encoding"):
             body = request.content.getvalue()

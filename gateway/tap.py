@@ -149,6 +149,13 @@ def makeService(options: Options, reactor=None) -> GatewayService:
     gateway = Gateway(reactor, config)
     root = GatewayService(gateway)
 
+    # Services of request filters (GC loops, log flushers, feeds) start
+    # before the listeners and stop after them.
+    for request_filter in gateway.filters:
+        service = getattr(request_filter, "service", None)
+        if service is not None:
+            service.setServiceParent(root)
+
     if config.admin.listen:
         admin = StreamServerEndpointService(
             serverFromString(reactor, with_backlog(config.admin.listen)), admin_site(gateway)
