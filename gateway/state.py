@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from gateway.balancing import make_balancer
 from gateway.config import FEATURE_MODULES, Config, Service
 from gateway.forwarding import ServiceForwarder
+from gateway.metrics import GatewayMetrics
 from gateway.pipeline import build_filters
 from gateway.routing import Router
 
@@ -83,6 +84,10 @@ class Gateway:
         self.rng = rng or random.Random()
         #: Called with each finished L{gateway.proxy.RequestContext}.
         self.request_observers: list[Callable] = []
+        #: The Prometheus metrics (L{gateway.metrics.GatewayMetrics});
+        #: config reload code reports with C{metrics.config_reloaded(ok)}.
+        self.metrics = GatewayMetrics(self)
+        self.request_observers.append(self.metrics.observe)
         self.snapshot: Snapshot = self._build(config, {})
         for module in FEATURE_MODULES:
             importlib.import_module(module)
