@@ -1,6 +1,7 @@
 """
-The admin listener's resources: C{/health} (and, as they arrive, metrics,
-stats and the dashboard).
+The admin listener's resources: C{/health}, C{/metrics} (Prometheus),
+C{/stats} (JSON), C{/dashboard/} and its event stream (see
+L{gateway.observe.admin_children}).
 
 The admin listener is separate from client traffic and binds to
 127.0.0.1 by default: nothing here is meant for the public.
@@ -13,6 +14,8 @@ import json
 from twisted.web import server
 from twisted.web.resource import Resource
 
+from gateway.metrics import stats
+from gateway.observe import admin_children, find
 from gateway.state import Gateway
 
 
@@ -50,6 +53,49 @@ class HealthResource(Resource):
         )
 
 
+#: What C{generate_latest} writes: the classic text format, which every
+#: Prometheus server reads (newer clients label it 1.0.0).
+PROMETHEUS_TEXT = b"text/plain; version=0.0.4; charset=utf-8"
+
+
+class MetricsResource(Resource):
+    """
+    C{GET /metrics}: the gateway's own registry in the Prometheus text
+    format, rendered on the reactor thread (it takes well under a
+    millisecond for a config of a few dozen routes).
+    """
+
+    isLeaf = True
+
+    def __init__(self, gateway: Gateway) -> None:
+        super().__init__()
+        self._gateway = gateway
+
+    def render_GET(self, request: server.Request) -> bytes:
+        request.setHeader(b"Content-Type", PROMETHEUS_TEXT)
+        request.setHeader(b"Cache-Control", b"no-store")
+        return self._gateway.metrics.render()
+
+
+class StatsResource(Resource):
+    """
+    C{GET /stats}: JSON with per-route and per-backend counters, backend
+    health and circuit states, and the config in use
+    (L{gateway.metrics.stats}).
+    """
+
+    isLeaf = True
+
+    def __init__(self, gateway: Gateway) -> None:
+        super().__init__()
+        self._gateway = gateway
+
+    def render_GET(self, request: server.Request) -> bytes:
+        observe = find(self._gateway)
+        extra = observe.stats() if observe is not None else None
+        return json_response(request, 200, stats(self._gateway.metrics, self._gateway, extra))
+
+
 class AdminRoot(Resource):
     """The admin listener's root: its children are the admin endpoints."""
 
@@ -57,6 +103,8 @@ class AdminRoot(Resource):
         super().__init__()
         self.gateway = gateway
         self.putChild(b"health", HealthResource(gateway))
+        for name, child in admin_children(gateway).items():
+            self.putChild(name, child)
 
     def render_GET(self, request: server.Request) -> bytes:
         return json_response(

@@ -357,7 +357,7 @@ SERVICE_EXTENSIONS: dict[str, Extension] = {}
 ROUTE_EXTENSIONS: dict[str, Extension] = {}
 
 #: Feature modules imported before parsing, so that they register their keys.
-FEATURE_MODULES: list[str] = []
+FEATURE_MODULES: list[str] = ["gateway.observe"]
 
 
 def register(level: str, extension: Extension) -> Extension:
