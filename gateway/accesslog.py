@@ -42,11 +42,10 @@ ACCESS_FIELDS = (
     "upstream_duration_ms", "cache", "retries", "error",
 )
 
-#: How an access event reads in a text log.
-ACCESS_FORMAT = (
-    '{client_ip} "{method} {path}" {status} {bytes_out} {duration_ms}ms '
-    "route={route} backend={backend} request_id={request_id} trace_id={trace_id}"
-)
+#: How an access event reads in a text log. Every field is in the event
+#: either way; each one named here costs the JSON observer about 2 us per
+#: request (twisted.logger flattens them), so only the essentials are.
+ACCESS_FORMAT = '"{method} {path}" {status} {duration_ms}ms {request_id}'
 
 REDACTED = "REDACTED"
 
