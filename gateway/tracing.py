@@ -216,6 +216,12 @@ def otlp_available() -> bool:
     return True
 
 
+def _nanoseconds(seconds: float) -> int:
+    """Epoch seconds as integer nanoseconds, without float rounding at 1e18."""
+    whole = int(seconds)
+    return whole * 1_000_000_000 + round((seconds - whole) * 1e9)
+
+
 class OtlpExporter(Service):
     """
     Exports one SERVER span per sampled request over OTLP/HTTP (protobuf).
@@ -249,24 +255,39 @@ class OtlpExporter(Service):
         exporter=None,
     ) -> None:
         from opentelemetry.sdk.resources import Resource
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
         from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-        if exporter is None:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-            exporter = OTLPSpanExporter(endpoint=endpoint, headers=headers or None, timeout=timeout)
-        self._processor = BatchSpanProcessor(exporter, schedule_delay_millis=1000)
         from gateway import __version__
 
+        self.endpoint = endpoint
+        self._headers = headers
+        self._timeout = timeout
+        self._exporter = exporter
+        self._processor = None
         self._resource = Resource.create({"service.name": service_name, "service.version": __version__})
         self._scope = InstrumentationScope("txgateway", __version__)
         self.exported = 0
 
+    def startService(self) -> None:
+        # The processor starts a thread: not before twistd has daemonized.
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        exporter = self._exporter
+        if exporter is None:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            exporter = OTLPSpanExporter(
+                endpoint=self.endpoint, headers=self._headers or None, timeout=self._timeout
+            )
+        self._processor = BatchSpanProcessor(
+            exporter, schedule_delay_millis=1000, export_timeout_millis=self._timeout * 1000
+        )
+        super().startService()
+
     def observe(self, context) -> None:
         """A request observer: export the request's span if it is sampled."""
         trace = context.notes.get("trace")
-        if trace is None or not trace.sampled or not self.running:
+        if trace is None or not trace.sampled or self._processor is None:
             return
         from opentelemetry.sdk.trace import ReadableSpan
         from opentelemetry.trace import SpanContext, SpanKind, TraceFlags
@@ -300,8 +321,8 @@ class OtlpExporter(Service):
             attributes=attributes,
             kind=SpanKind.SERVER,
             status=status,
-            start_time=int(context.started * 1e9),
-            end_time=int(context.ended * 1e9),
+            start_time=_nanoseconds(context.started),
+            end_time=_nanoseconds(context.ended),
             instrumentation_scope=self._scope,
         )
         self._processor.on_end(span)
@@ -309,5 +330,13 @@ class OtlpExporter(Service):
 
     def stopService(self):
         super().stopService()
-        # Sends what is queued, bounded by the processor's export timeout.
-        self._processor.shutdown()
+        processor, self._processor = self._processor, None
+        if processor is None:
+            return None
+        # Sends what is queued, from a thread: a collector that is down
+        # delays the shutdown (up to the export timeout), never blocks it.
+        from twisted.internet.threads import deferToThread
+
+        d = deferToThread(processor.shutdown)
+        d.addErrback(lambda f: _log.failure("OTLP exporter shutdown failed", f))
+        return d

@@ -393,3 +393,62 @@ def test_twist_json_log_has_one_object_per_line_with_access_fields(backends):
         log,
         re.M,
     ), log
+
+
+# --- OTLP export to a collector ---------------------------------------------------------
+
+
+def test_spans_exported_to_an_otlp_collector(backends):
+    pytest.importorskip("opentelemetry.exporter.otlp.proto.http.trace_exporter")
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    received = []
+
+    class Collector(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            message = ExportTraceServiceRequest()
+            message.ParseFromString(body)
+            received.append((self.path, self.headers.get("X-Collector-Key"), message))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Collector)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    gw = None
+    try:
+        gw = Gateway(
+            config(
+                backends,
+                "observability: {tracing: {otlp: {endpoint: "
+                f'"http://127.0.0.1:{server.server_port}/v1/traces", service_name: gw-e2e, '
+                "headers: {X-Collector-Key: k1}}}}",
+            )
+        )
+        r = get(gw.port, "/pair/otlp", headers={"traceparent": f"00-{TRACE}-{PARENT}-01"})
+        span_id = {k.lower(): v for k, v in r.json()["headers"]}["traceparent"].split("-")[2]
+        wait_for(lambda: received, timeout=10, what="spans at the collector")
+    finally:
+        if gw is not None:
+            assert gw.stop() == 0, gw.log()
+        server.shutdown()
+        server.server_close()
+    path, key, message = received[0]
+    assert path == "/v1/traces" and key == "k1"
+    (resource_spans,) = message.resource_spans
+    attributes = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+    assert attributes["service.name"] == "gw-e2e"
+    (span,) = resource_spans.scope_spans[0].spans
+    assert span.trace_id.hex() == TRACE
+    assert span.parent_span_id.hex() == PARENT
+    assert span.span_id.hex() == span_id  # the span the backend was told is its parent
+    assert span.name == "GET pair"

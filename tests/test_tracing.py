@@ -3,6 +3,7 @@
 import re
 
 import pytest
+import pytest_twisted
 
 from gateway.tracing import (
     SAMPLED,
@@ -138,3 +139,41 @@ def test_upstream_headers():
     # The client's tracestate must not reach the backend with a new trace.
     assert upstream_trace_headers(fresh, True) == [(TRACEPARENT, fresh.traceparent()), (TRACESTATE, None)]
     assert upstream_trace_headers(fresh, False) == [(TRACEPARENT, fresh.traceparent())]
+
+
+# --- OTLP export (only with the opentelemetry extra) ---------------------------------
+
+
+@pytest_twisted.inlineCallbacks
+def test_otlp_exporter_sends_the_gateway_span():
+    pytest.importorskip("opentelemetry.sdk.trace")
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import SpanKind
+
+    from gateway.tracing import OtlpExporter
+    from tests.contexts import config, finished
+
+    memory = InMemorySpanExporter()
+    exporter = OtlpExporter("http://127.0.0.1:1/v1/traces", "gw-test", exporter=memory)
+    c = config()
+    continued = finished(c, status=502, started=1700000000.5, duration=0.25)
+    continued.notes["trace"] = trace = continue_or_start([VALID], None)
+    exporter.observe(continued)  # not started: nothing is queued
+    exporter.startService()
+    exporter.observe(continued)
+    unsampled = finished(c, request_id="req-2")
+    unsampled.notes["trace"] = continue_or_start([f"00-{TRACE}-{PARENT}-00".encode()], None)
+    exporter.observe(unsampled)
+    exporter.observe(finished(c, request_id="req-3"))  # no trace context: tracing off
+    yield exporter.stopService()
+    (span,) = memory.get_finished_spans()
+    assert exporter.exported == 1
+    assert format(span.context.trace_id, "032x") == TRACE
+    assert format(span.context.span_id, "016x") == trace.span_id
+    assert format(span.parent.span_id, "016x") == PARENT
+    assert span.kind == SpanKind.SERVER and span.name == "GET users-api"
+    assert span.start_time == 1700000000500000000 and span.end_time == 1700000000750000000
+    assert span.attributes["http.response.status_code"] == 502
+    assert span.attributes["gateway.backend"] == "http://127.0.0.1:9001"
+    assert span.resource.attributes["service.name"] == "gw-test"
+    assert not span.status.is_ok
