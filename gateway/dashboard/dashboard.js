@@ -123,6 +123,13 @@
         drawing = true;
       });
       g.stroke();
+      const last = series.length ? series[series.length - 1][line.key] : null;
+      if (last !== null && last !== undefined) {  // the newest point, even alone
+        g.fillStyle = line.color;
+        g.beginPath();
+        g.arc(left + (HISTORY - 1) * step, top + plotH - (plotH * last) / max, 2.5, 0, 2 * Math.PI);
+        g.fill();
+      }
     }
   }
 
