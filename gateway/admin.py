@@ -1,7 +1,7 @@
 """
-The admin listener's resources: C{/health}, C{/metrics} (Prometheus),
-C{/stats} (JSON), C{/dashboard/} and its event stream (see
-L{gateway.observe.admin_children}).
+The admin listener's resources: C{/health}, C{/backends}, and those request
+filters add (C{admin_children}): C{/metrics} (Prometheus), C{/stats} (JSON)
+and C{/dashboard/} from the observe filter (L{gateway.observe}), C{/cache}.
 
 The admin listener is separate from client traffic and binds to
 127.0.0.1 by default: nothing here is meant for the public.
@@ -15,7 +15,6 @@ from twisted.web import server
 from twisted.web.resource import Resource
 
 from gateway.metrics import stats
-from gateway.observe import admin_children, find
 from gateway.state import Gateway
 
 
@@ -82,6 +81,28 @@ class StatsResource(Resource):
     C{GET /stats}: JSON with per-route and per-backend counters, backend
     health and circuit states, and the config in use
     (L{gateway.metrics.stats}).
+
+    @param extra: returns more top-level keys (the observe filter's own
+        counters), or None.
+    """
+
+    isLeaf = True
+
+    def __init__(self, gateway: Gateway, extra=None) -> None:
+        super().__init__()
+        self._gateway = gateway
+        self._extra = extra
+
+    def render_GET(self, request: server.Request) -> bytes:
+        extra = self._extra() if self._extra is not None else None
+        return json_response(request, 200, stats(self._gateway.metrics, self._gateway, extra))
+
+
+class BackendsResource(Resource):
+    """
+    C{GET /backends}: C{{"backends": [...]}}, the state of every backend
+    (L{gateway.state.Gateway.backend_states}): health, ejection, circuit
+    state and requests in flight.
     """
 
     isLeaf = True
@@ -91,9 +112,7 @@ class StatsResource(Resource):
         self._gateway = gateway
 
     def render_GET(self, request: server.Request) -> bytes:
-        observe = find(self._gateway)
-        extra = observe.stats() if observe is not None else None
-        return json_response(request, 200, stats(self._gateway.metrics, self._gateway, extra))
+        return json_response(request, 200, {"backends": self._gateway.backend_states()})
 
 
 class AdminRoot(Resource):
@@ -103,8 +122,10 @@ class AdminRoot(Resource):
         super().__init__()
         self.gateway = gateway
         self.putChild(b"health", HealthResource(gateway))
-        for name, child in admin_children(gateway).items():
-            self.putChild(name, child)
+        self.putChild(b"backends", BackendsResource(gateway))
+        for f in gateway.filters:
+            for name, resource in getattr(f, "admin_children", {}).items():
+                self.putChild(name, resource)
 
     def render_GET(self, request: server.Request) -> bytes:
         return json_response(

@@ -133,6 +133,15 @@ class CircuitBreaker:
         """The current state as a number for metrics: closed 0, open 1, half_open 2."""
         return STATE_VALUES[self.state]
 
+    def open_for(self) -> float:
+        """
+        Seconds until an open breaker lets a trial request through; 0 when
+        it is not open.
+        """
+        if self.state != OPEN:
+            return 0.0
+        return max(0.0, self._opened_at + self._cooldown - self._clock.seconds())
+
     def available(self) -> bool:
         """
         Would a request be let through now? Consumes nothing.

@@ -313,6 +313,14 @@ def size(where: Where, value: Any) -> int:
     raise where.error(f"expected a size such as 1048576 or 10MiB, got {value!r}")
 
 
+def default_of(cls: type, name: str) -> Any:
+    """
+    The default of attrs field C{name} of C{cls}. (On a slotted attrs class,
+    C{cls.name} is the slot's descriptor, not the default.)
+    """
+    return attrs.fields_dict(cls)[name].default
+
+
 # --- sections contributed by feature modules -----------------------------------
 
 
@@ -357,7 +365,16 @@ SERVICE_EXTENSIONS: dict[str, Extension] = {}
 ROUTE_EXTENSIONS: dict[str, Extension] = {}
 
 #: Feature modules imported before parsing, so that they register their keys.
-FEATURE_MODULES: list[str] = ["gateway.observe"]
+FEATURE_MODULES: list[str] = [
+    "gateway.redisconf",
+    "gateway.filters.security_headers",
+    "gateway.filters.ip_rules",
+    "gateway.filters.cors",
+    "gateway.filters.auth",
+    "gateway.cachefilter",
+    "gateway.filters.rewrite",
+    "gateway.observe",
+]
 
 
 def register(level: str, extension: Extension) -> Extension:
@@ -453,12 +470,138 @@ class Backend:
 class Timeouts:
     """
     @ivar connect: seconds to establish a TCP connection to a backend.
-    @ivar response: seconds from sending the request to the response's
-        status line and headers.
+    @ivar response: seconds from the start of forwarding to the response's
+        status line and headers, across all attempts (the request's
+        overall upstream timeout; a route's C{timeout} overrides it).
+    @ivar per_try: seconds one attempt may take to get its response
+        headers, or None for no separate limit (the remaining overall
+        time); a route's C{retries.per_try_timeout} overrides it.
     """
 
     connect: float = 2.0
     response: float = 30.0
+    per_try: Optional[float] = None
+
+
+@attrs.frozen
+class StatusRanges:
+    """
+    A set of HTTP statuses as inclusive ranges, e.g. C{((200, 399),)}.
+    Supports C{status in ranges}.
+    """
+
+    ranges: tuple[tuple[int, int], ...] = ((200, 399),)
+
+    def __contains__(self, status: object) -> bool:
+        return isinstance(status, int) and any(lo <= status <= hi for lo, hi in self.ranges)
+
+
+@attrs.frozen
+class HealthCheckConfig:
+    """
+    A service's active health check (C{services.NAME.health_check}); has
+    the attributes L{gateway.health.ActiveHealthChecker} reads.
+
+    @ivar path: the path probed with C{GET} on each backend.
+    @ivar interval: seconds between rounds of probes.
+    @ivar timeout: seconds before a probe counts as failed.
+    @ivar healthy_threshold: passed probes in a row that bring a backend back.
+    @ivar unhealthy_threshold: failed probes in a row that take it out.
+    @ivar expected_status: the statuses that pass (default 200-399).
+    """
+
+    path: str
+    interval: float = 10.0
+    timeout: float = 2.0
+    healthy_threshold: int = 2
+    unhealthy_threshold: int = 3
+    expected_status: StatusRanges = StatusRanges()
+
+
+@attrs.frozen
+class PassiveHealth:
+    """
+    Outlier detection (C{services.NAME.passive_health}); see
+    L{gateway.health.OutlierDetector}.
+
+    @ivar consecutive_failures: failed requests in a row (connect failure,
+        reset, timeout or 5xx) that eject a backend.
+    @ivar ejection_time: seconds of the first ejection; the n-th in a row
+        lasts n times as long, up to C{max_ejection_time}.
+    @ivar max_ejection_percent: the most backends ejected at once, as a
+        percentage (at least one of two or more is always allowed).
+    @ivar max_ejection_time: the longest ejection in seconds, or None for
+        C{max(300, ejection_time)}.
+    """
+
+    consecutive_failures: int = 5
+    ejection_time: float = 30.0
+    max_ejection_percent: int = 10
+    max_ejection_time: Optional[float] = None
+
+
+@attrs.frozen
+class CircuitBreakerConfig:
+    """
+    Per-backend circuit breakers (C{services.NAME.circuit_breaker}); see
+    L{gateway.breaker.CircuitBreaker}.
+
+    @ivar failure_threshold: failures in a row that open a breaker, or None
+        when disabled (C{0} in the file).
+    @ivar failure_ratio: the failure fraction over C{window} that opens
+        it, or None when disabled.
+    @ivar window: the rolling window in seconds.
+    @ivar min_requests: the fewest requests in the window before the ratio
+        counts.
+    @ivar cooldown: seconds open before one trial request is let through.
+    """
+
+    failure_threshold: Optional[int] = 5
+    failure_ratio: Optional[float] = None
+    window: float = 10.0
+    min_requests: int = 20
+    cooldown: float = 30.0
+
+
+@attrs.frozen
+class RetryBudgetConfig:
+    """
+    A service's retry budget (C{services.NAME.retry_budget}); see
+    L{gateway.retry.RetryBudget}.
+
+    @ivar percent: retries in progress at most this share of the
+        service's requests in progress.
+    @ivar min_concurrency: retries always allowed at once.
+    """
+
+    percent: float = 20.0
+    min_concurrency: int = 3
+
+
+@attrs.frozen
+class Retries:
+    """
+    A route's retry policy (C{routes[].retries}).
+
+    Connect failures are retried for any method; resets, timeouts and
+    502/503/504 answers only for idempotent methods unless
+    C{non_idempotent}. Each retry goes to a backend not yet tried.
+
+    @ivar max_retries: retries after the first attempt (0 disables).
+    @ivar non_idempotent: also retry non-idempotent methods (POST, PATCH)
+        after a reset, timeout or 502/503/504.
+    @ivar per_try_timeout: seconds one attempt may take, or None for the
+        service's C{timeouts.per_try}.
+    @ivar backoff_base: seconds, the ceiling of the first retry's jittered
+        wait; each further retry doubles it.
+    @ivar backoff_max: seconds, the largest ceiling.
+    """
+
+    max_retries: int = 2
+    non_idempotent: bool = False
+    per_try_timeout: Optional[float] = None
+    backoff_base: float = 0.025
+    backoff_max: float = 0.25
 
 
 @attrs.frozen
@@ -467,8 +610,14 @@ class Service:
     A named pool of backends that serve the same API.
 
     @ivar balancer: the balancing policy's name (see L{gateway.balancing}).
+    @ivar hash_on: what C{consistent_hash} hashes (C{client_ip}, C{path},
+        C{header:NAME}, C{cookie:NAME}); None for other policies.
     @ivar max_connections_per_backend: the most requests in flight to one
         backend at once; further requests wait their turn.
+    @ivar health_check: the active health check, or None for none.
+    @ivar passive_health: outlier detection, or None for none.
+    @ivar circuit_breaker: per-backend circuit breakers, or None for none.
+    @ivar retry_budget: the share of requests that may be retries.
     """
 
     name: str
@@ -476,6 +625,11 @@ class Service:
     balancer: str = "round_robin"
     timeouts: Timeouts = Timeouts()
     max_connections_per_backend: int = 256
+    hash_on: Optional[str] = None
+    health_check: Optional[HealthCheckConfig] = None
+    passive_health: Optional[PassiveHealth] = None
+    circuit_breaker: Optional[CircuitBreakerConfig] = None
+    retry_budget: RetryBudgetConfig = RetryBudgetConfig()
     #: Values of the keys registered in L{SERVICE_EXTENSIONS}, by name.
     options: Mapping[str, Any] = MappingProxyType({})
 
@@ -505,6 +659,9 @@ class Route:
     @ivar strip_prefix: remove C{match.path_prefix} from the forwarded path.
     @ivar preserve_host: forward the client's C{Host} instead of the
         backend's.
+    @ivar retries: the retry policy.
+    @ivar timeout: the overall upstream timeout in seconds, overriding the
+        service's C{timeouts.response}; None to use that.
     """
 
     name: str
@@ -512,6 +669,8 @@ class Route:
     service: str
     strip_prefix: bool = False
     preserve_host: bool = False
+    retries: Retries = Retries()
+    timeout: Optional[float] = None
     #: Values of the keys registered in L{ROUTE_EXTENSIONS}, by name.
     options: Mapping[str, Any] = MappingProxyType({})
 
@@ -526,11 +685,29 @@ class Admin:
 @attrs.frozen
 class Limits:
     """
+    What one client may send, enforced by the main listener's channel
+    (L{gateway.proxy.GatewayChannel}) before any filter runs.
+
     @ivar max_request_body: the largest request body accepted, in bytes;
         larger ones get 413.
+    @ivar max_header_count: the most header fields in one request; more
+        get 431.
+    @ivar max_header_bytes: the most bytes of request line plus header
+        fields (without line ends) in one request; more get 431, or 414
+        when the request line alone is longer.
+    @ivar client_idle_timeout: seconds a client connection may stay silent
+        (between requests, or while sending one) before it is closed; 0
+        for never.
+    @ivar client_header_timeout: seconds from the first byte of a request
+        to the end of its headers; slower clients (slowloris) get 408 and
+        are disconnected; 0 for no limit.
     """
 
     max_request_body: int = 10 * 1024 * 1024
+    max_header_count: int = 100
+    max_header_bytes: int = 16 * 1024
+    client_idle_timeout: float = 60.0
+    client_header_timeout: float = 30.0
 
 
 @attrs.frozen
@@ -574,14 +751,131 @@ def _backend(where: Where, value: Any) -> Backend:
 def _timeouts(where: Where, value: Any) -> Timeouts:
     section = Section(where, value)
     result = Timeouts(
-        connect=section.take("connect", positive_duration, Timeouts.connect),
-        response=section.take("response", positive_duration, Timeouts.response),
+        connect=section.take("connect", positive_duration, default_of(Timeouts, "connect")),
+        response=section.take("response", positive_duration, default_of(Timeouts, "response")),
+        per_try=section.take("per_try", positive_duration, None),
     )
+    if result.per_try is not None and result.per_try > result.response:
+        raise section.at("per_try").error(
+            f"cannot be longer than response ({result.response:g}s), the overall timeout"
+        )
     section.finish()
     return result
 
 
-BALANCERS = ("round_robin",)
+#: The balancing policies (L{gateway.balancing.BALANCERS} has their classes).
+BALANCERS = (
+    "round_robin",
+    "weighted_round_robin",
+    "least_connections",
+    "consistent_hash",
+    "random",
+    "least_request",
+)
+
+_STATUS_RANGE = re.compile(r"^\s*(\d{3})\s*(?:-\s*(\d{3})\s*)?$")
+
+
+def _status_ranges(where: Where, value: Any) -> StatusRanges:
+    """
+    Statuses as C{200}, C{"200-399"} or a list of either
+    (C{[200, "300-302"]}).
+    """
+    items = sequence(where, value) if isinstance(value, list) else [(where, value)]
+    if not items:
+        raise where.error("expected at least one status")
+    ranges = []
+    for w, item in items:
+        if isinstance(item, int) and not isinstance(item, bool):
+            lo = hi = item
+        elif isinstance(item, str) and (match := _STATUS_RANGE.match(item)):
+            lo = int(match.group(1))
+            hi = int(match.group(2) or lo)
+        else:
+            raise w.error(f"expected a status such as 200 or a range such as 200-399, got {item!r}")
+        if not 100 <= lo <= hi <= 599:
+            raise w.error(f"not a range of HTTP statuses (100-599): {item!r}")
+        ranges.append((lo, hi))
+    return StatusRanges(tuple(ranges))
+
+
+def _health_check(where: Where, value: Any) -> HealthCheckConfig:
+    section = Section(where, value)
+    path = section.take("path", string)
+    if not path.startswith("/"):
+        raise section.at("path").error("a health check path must start with '/'")
+    check = HealthCheckConfig(
+        path=path,
+        interval=section.take("interval", positive_duration, 10.0),
+        timeout=section.take("timeout", positive_duration, 2.0),
+        healthy_threshold=section.take("healthy_threshold", integer(1, 100), 2),
+        unhealthy_threshold=section.take("unhealthy_threshold", integer(1, 100), 3),
+        expected_status=section.take("expected_status", _status_ranges, StatusRanges()),
+    )
+    section.finish()
+    return check
+
+
+def _passive_health(where: Where, value: Any) -> PassiveHealth:
+    section = Section(where, value)
+    passive = PassiveHealth(
+        consecutive_failures=section.take("consecutive_failures", integer(1, 1000), 5),
+        ejection_time=section.take("ejection_time", positive_duration, 30.0),
+        max_ejection_percent=section.take("max_ejection_percent", integer(0, 100), 10),
+        max_ejection_time=section.take("max_ejection_time", positive_duration, None),
+    )
+    if passive.max_ejection_time is not None and passive.max_ejection_time < passive.ejection_time:
+        raise section.at("max_ejection_time").error(
+            f"cannot be shorter than ejection_time ({passive.ejection_time:g}s)"
+        )
+    section.finish()
+    return passive
+
+
+def _circuit_breaker(where: Where, value: Any) -> CircuitBreakerConfig:
+    section = Section(where, value)
+    threshold = section.take("failure_threshold", integer(0, 10000), 5)
+    ratio = section.take("failure_ratio", number(0, 1), None)
+    if ratio == 0:
+        raise section.at("failure_ratio").error("must be above 0 (leave it out to disable)")
+    if section.has("min_requests") and ratio is None:
+        raise section.at("min_requests").error("only applies with failure_ratio")
+    if section.has("window") and ratio is None:
+        raise section.at("window").error("only applies with failure_ratio")
+    breaker = CircuitBreakerConfig(
+        failure_threshold=threshold or None,
+        failure_ratio=ratio,
+        window=section.take("window", positive_duration, 10.0),
+        min_requests=section.take("min_requests", integer(1, 1000000), 20),
+        cooldown=section.take("cooldown", duration, 30.0),
+    )
+    if breaker.failure_threshold is None and breaker.failure_ratio is None:
+        raise where.error(
+            "failure_threshold is 0 and there is no failure_ratio: the breaker could never open"
+        )
+    section.finish()
+    return breaker
+
+
+def _retry_budget(where: Where, value: Any) -> RetryBudgetConfig:
+    section = Section(where, value)
+    budget = RetryBudgetConfig(
+        percent=section.take("percent", number(0, 100), 20.0),
+        min_concurrency=section.take("min_concurrency", integer(0, 10000), 3),
+    )
+    section.finish()
+    return budget
+
+
+def _hash_on(where: Where, value: Any) -> str:
+    from gateway.balancing import parse_hash_on
+
+    spec = string(where, value)
+    try:
+        parse_hash_on(spec)
+    except ValueError as e:
+        raise where.error(str(e)) from None
+    return spec
 
 
 def _service(where: Where, name: str, value: Any, context: ParseContext) -> Service:
@@ -595,14 +889,29 @@ def _service(where: Where, name: str, value: Any, context: ParseContext) -> Serv
         if backend.url in seen:
             raise backends_where.error(f"backend {backend.url} is listed twice")
         seen.add(backend.url)
+    balancer_where = section.at("balancer")
+    balancer = section.take("balancer", one_of(*BALANCERS), "round_robin")
+    hash_where = section.at("hash_on")
+    hash_on = section.take("hash_on", _hash_on, None)
+    if balancer == "consistent_hash" and hash_on is None:
+        raise balancer_where.error(
+            "consistent_hash needs hash_on (client_ip, path, header:NAME or cookie:NAME)"
+        )
+    if balancer != "consistent_hash" and hash_on is not None:
+        raise hash_where.error(f"only applies to the consistent_hash balancer, not {balancer}")
     service = Service(
         name=name,
         backends=backends,
-        balancer=section.take("balancer", one_of(*BALANCERS), "round_robin"),
+        balancer=balancer,
+        hash_on=hash_on,
         timeouts=section.take("timeouts", _timeouts, Timeouts()),
         max_connections_per_backend=section.take(
             "max_connections_per_backend", integer(1, 100000), 256
         ),
+        health_check=section.take("health_check", _health_check, None),
+        passive_health=section.take("passive_health", _passive_health, None),
+        circuit_breaker=section.take("circuit_breaker", _circuit_breaker, None),
+        retry_budget=section.take("retry_budget", _retry_budget, RetryBudgetConfig()),
         options=_take_extensions(section, SERVICE_EXTENSIONS, context, context.top),
     )
     section.finish()
@@ -660,6 +969,26 @@ def _match(where: Where, value: Any) -> RouteMatch:
     return match
 
 
+def _retries(where: Where, value: Any) -> Retries:
+    """C{retries: N} (a count), or a mapping of the L{Retries} fields."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return Retries(max_retries=integer(0, 10)(where, value))
+    section = Section(where, value)
+    retries = Retries(
+        max_retries=section.take("max_retries", integer(0, 10), 2),
+        non_idempotent=section.take("non_idempotent", boolean, False),
+        per_try_timeout=section.take("per_try_timeout", positive_duration, None),
+        backoff_base=section.take("backoff_base", duration, 0.025),
+        backoff_max=section.take("backoff_max", duration, 0.25),
+    )
+    if retries.backoff_max < retries.backoff_base:
+        raise section.at("backoff_max").error(
+            f"cannot be shorter than backoff_base ({retries.backoff_base:g}s)"
+        )
+    section.finish()
+    return retries
+
+
 def _route(where: Where, value: Any, context: ParseContext) -> Route:
     services = context.services
     section = Section(where, value)
@@ -674,6 +1003,8 @@ def _route(where: Where, value: Any, context: ParseContext) -> Route:
         service=service,
         strip_prefix=section.take("strip_prefix", boolean, False),
         preserve_host=section.take("preserve_host", boolean, False),
+        retries=section.take("retries", _retries, Retries()),
+        timeout=section.take("timeout", positive_duration, None),
         options=_take_extensions(section, ROUTE_EXTENSIONS, context, context.top),
     )
     section.finish()
@@ -681,25 +1012,57 @@ def _route(where: Where, value: Any, context: ParseContext) -> Route:
 
 
 def _endpoint(where: Where, value: Any) -> str:
+    """
+    A Twisted server endpoint string (C{tcp:8080:interface=127.0.0.1},
+    C{ssl:...}, C{systemd:domain=INET:index=0}); a bare port number means
+    C{tcp:PORT}. It is parsed here, so a typo is refused at load time.
+    """
+    from twisted.internet.endpoints import serverFromString
+
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = f"tcp:{value}"
     endpoint = string(where, value)
-    if ":" not in endpoint:
+    if endpoint.startswith("systemd:"):
+        return endpoint  # its sockets exist only under socket activation
+    try:
+        serverFromString(None, endpoint)
+    except (ValueError, KeyError, TypeError, IndexError, OSError) as e:
         raise where.error(
-            f"expected a Twisted endpoint string such as tcp:8080, got {endpoint!r}"
-        )
+            f"expected a Twisted endpoint string such as tcp:8080, got {endpoint!r} ({e})"
+        ) from None
     return endpoint
 
 
 def _admin(where: Where, value: Any) -> Admin:
     section = Section(where, value)
-    admin = Admin(listen=section.take("listen", _endpoint, Admin.listen))
+    admin = Admin(listen=section.take("listen", _endpoint, default_of(Admin, "listen")))
     section.finish()
     return admin
+
+
+def _header_bytes(where: Where, value: Any) -> int:
+    limit = size(where, value)
+    if not 1024 <= limit <= 1024 * 1024:
+        raise where.error("must be between 1KiB and 1MiB")
+    return limit
 
 
 def _limits(where: Where, value: Any) -> Limits:
     section = Section(where, value)
     limits = Limits(
-        max_request_body=section.take("max_request_body", size, Limits.max_request_body)
+        max_request_body=section.take("max_request_body", size, default_of(Limits, "max_request_body")),
+        max_header_count=section.take(
+            "max_header_count", integer(1, 10000), default_of(Limits, "max_header_count")
+        ),
+        max_header_bytes=section.take(
+            "max_header_bytes", _header_bytes, default_of(Limits, "max_header_bytes")
+        ),
+        client_idle_timeout=section.take(
+            "client_idle_timeout", duration, default_of(Limits, "client_idle_timeout")
+        ),
+        client_header_timeout=section.take(
+            "client_header_timeout", duration, default_of(Limits, "client_header_timeout")
+        ),
     )
     section.finish()
     return limits

@@ -15,7 +15,19 @@ port). It answers every path with a JSON echo of the request, except:
   - C{/drop}: closes the connection without answering.
   - C{/truncate}: promises 1000 bytes, sends 10 and closes.
   - C{/_stats}: JSON counts of requests served, in flight, and abandoned
-    by the client (or the gateway) before the answer.
+    by the client (or the gateway) before the answer; under C{cacheable},
+    per C{/cacheable/ID}: requests and 304s answered.
+  - C{/cacheable/ID}: a response for caching tests, counted per ID. Query
+    parameters: C{cc} (its C{Cache-Control}, default C{max-age=60}),
+    C{etag} (sends C{ETag: "VALUE"} and answers a matching
+    C{If-None-Match} with 304), C{lm} (sends C{Last-Modified} of that POSIX
+    time and answers C{If-Modified-Since} with 304), C{cc304} (the
+    C{Cache-Control} of those 304s, default C{cc}), C{vary}, C{cookie=1}
+    (adds C{Set-Cookie}), C{bytes=N} (an N-byte body instead of JSON),
+    C{delay=S} (answers after S seconds). The JSON body carries C{n}, the
+    count of this ID's requests so far, and the request headers.
+  - C{/_fail/ID?status=NNN}: from now on C{/cacheable/ID} answers NNN
+    (C{status=0} restores it).
 """
 
 from __future__ import annotations
@@ -26,7 +38,7 @@ import json
 import sys
 
 from twisted.internet.interfaces import IPullProducer
-from twisted.web import server
+from twisted.web import http, server
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
@@ -65,7 +77,8 @@ class Echo(Resource):
         super().__init__()
         self.name = name
         self.reactor = reactor
-        self.stats = {"requests": 0, "in_flight": 0, "abandoned": 0}
+        self.stats = {"requests": 0, "in_flight": 0, "abandoned": 0, "cacheable": {}}
+        self.failing: dict = {}
 
     def _track(self, result, request):
         self.stats["in_flight"] -= 1
@@ -78,6 +91,10 @@ class Echo(Resource):
         if path == b"/_stats":
             request.setHeader(b"Content-Type", b"application/json")
             return json.dumps(self.stats).encode()
+        if path.startswith(b"/_fail/"):
+            ident = path[len(b"/_fail/"):].decode("latin-1")
+            self.failing[ident] = int(request.args.get(b"status", [b"0"])[0])
+            return b"ok\n"
         self.stats["requests"] += 1
         self.stats["in_flight"] += 1
         request.notifyFinish().addBoth(self._track, request)
@@ -113,6 +130,8 @@ class Echo(Resource):
             request.setHeader(b"Proxy-Authenticate", b"Basic")
             request.setHeader(b"X-End-To-End", b"kept")
             return self.echo(request)
+        if path.startswith(b"/cacheable/"):
+            return self.cacheable(request, path[len(b"/cacheable/"):].decode("latin-1"))
         if path == b"/hang":
             return server.NOT_DONE_YET
         if path == b"/drop":
@@ -124,6 +143,74 @@ class Echo(Resource):
             request.channel.transport.loseConnection()
             return server.NOT_DONE_YET
         return self.echo(request)
+
+    def cacheable(self, request: server.Request, ident: str):
+        counts = self.stats["cacheable"].setdefault(ident, {"requests": 0, "not_modified": 0})
+        counts["requests"] += 1
+        arg = lambda name, default=None: (  # noqa: E731
+            request.args[name.encode()][0].decode("latin-1") if name.encode() in request.args else default
+        )
+        failing = self.failing.get(ident)
+        if failing:
+            request.setResponseCode(failing)
+            request.setHeader(b"Cache-Control", b"no-store")
+            return self.echo(request)
+        cc = arg("cc", "max-age=60")
+        etag = arg("etag")
+        lm = arg("lm")
+        if arg("vary"):
+            request.setHeader(b"Vary", arg("vary").encode("latin-1"))
+        if etag is not None:
+            request.setHeader(b"ETag", b'"%s"' % etag.encode("latin-1"))
+        if lm is not None:
+            request.setHeader(b"Last-Modified", http.datetimeToString(int(lm)))
+        not_modified = False
+        inm = request.getHeader(b"if-none-match")
+        ims = request.getHeader(b"if-modified-since")
+        if inm is not None and etag is not None:
+            tags = [t.strip().removeprefix(b"W/") for t in inm.split(b",")]
+            not_modified = b"*" in tags or b'"%s"' % etag.encode("latin-1") in tags
+        elif ims is not None and lm is not None:
+            try:
+                not_modified = int(lm) <= http.stringToDatetime(ims)
+            except ValueError:
+                pass
+        if not_modified:
+            counts["not_modified"] += 1
+            request.setResponseCode(304)
+            request.setHeader(b"Cache-Control", arg("cc304", cc).encode("latin-1"))
+            return b""
+        request.setHeader(b"Cache-Control", cc.encode("latin-1"))
+        if arg("cookie"):
+            request.addCookie(b"session", b"s%d" % counts["requests"], path=b"/")
+        if arg("bytes") is not None:
+            request.setHeader(b"Content-Type", b"application/octet-stream")
+            body = pattern_bytes(int(arg("bytes")))
+        else:
+            request.setHeader(b"Content-Type", b"application/json")
+            body = json.dumps(
+                {
+                    "backend": self.name,
+                    "id": ident,
+                    "n": counts["requests"],
+                    "headers": [
+                        [k.decode("latin-1"), v.decode("latin-1")]
+                        for k, vs in request.requestHeaders.getAllRawHeaders()
+                        for v in vs
+                    ],
+                }
+            ).encode() + b"\n"
+        delay = float(arg("delay", "0"))
+        if delay <= 0:
+            return body
+
+        def late():
+            request.write(body)
+            request.finish()
+
+        call = self.reactor.callLater(delay, late)
+        request.notifyFinish().addErrback(lambda _: call.active() and call.cancel())
+        return server.NOT_DONE_YET
 
     def _late(self, request: server.Request) -> None:
         request.write(self.echo(request))

@@ -48,6 +48,9 @@ _FLUSHES_PER_TICK = 4
 #: 0.1 ms to about 60 s, each 10% wider than the last (at most 10% error).
 LATENCY_BOUNDS = tuple(0.0001 * 1.1**i for i in range(141))
 
+#: C{context.cache} values of responses served from the cache.
+_CACHED = frozenset(["HIT", "STALE", "hit", "stale"])
+
 #: The longest path shown, in characters (longer ones are cut).
 MAX_PATH = 200
 
@@ -161,8 +164,7 @@ class RequestFeed:
             window.errors += 1
         if context.notes.get("rate_limited") or (status == 429 and backend is None):
             window.rate_limited += 1
-        cache = context.cache
-        if cache == "HIT" or cache == "STALE":
+        if context.cache in _CACHED:
             window.cached += 1
 
     # -- timers ------------------------------------------------------------

@@ -35,9 +35,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
 from gateway.config import Backend
+from gateway.forwarding import BackendEndpoints
 
 _log = Logger()
 
@@ -129,6 +130,7 @@ class OutlierDetector:
     @param max_ejection_percent: 0..100.
     @param max_ejection_time: the longest ejection in seconds; defaults to
         C{max(300, ejection_time)} (Envoy's default is 300 s).
+    @param service: the service's name, a field of the log events.
     @raise ValueError: a parameter is out of range.
     """
 
@@ -140,6 +142,7 @@ class OutlierDetector:
         ejection_time: float = 30.0,
         max_ejection_percent: int = 10,
         max_ejection_time: Optional[float] = None,
+        service: str = "",
     ) -> None:
         if consecutive_failures < 1:
             raise ValueError("consecutive_failures must be at least 1")
@@ -152,6 +155,7 @@ class OutlierDetector:
         if max_ejection_time < ejection_time:
             raise ValueError("max_ejection_time cannot be below ejection_time")
         self._clock = clock
+        self._service = service
         self._threshold = consecutive_failures
         self._base = ejection_time
         self._max_time = max_ejection_time
@@ -170,6 +174,15 @@ class OutlierDetector:
         """
         host = self._hosts.get(backend)
         return host is not None and self._clock.seconds() < host.ejected_until
+
+    def ejected_for(self, backend: Backend) -> float:
+        """
+        Seconds until C{backend}'s ejection ends; 0 if it is not ejected.
+        """
+        host = self._hosts.get(backend)
+        if host is None:
+            return 0.0
+        return max(0.0, host.ejected_until - self._clock.seconds())
 
     def ejected_count(self) -> int:
         """The number of backends ejected now."""
@@ -205,6 +218,8 @@ class OutlierDetector:
         _log.warn(
             "backend {backend} ejected for {duration} s after {failures}"
             " consecutive failures (ejection {ejections})",
+            event="backend_ejected",
+            service=self._service,
             backend=backend.url,
             duration=duration,
             failures=self._threshold,
@@ -259,6 +274,7 @@ class ActiveHealthChecker:
     @param probe: C{probe(backend, path, timeout)} returning a L{Deferred}
         firing with the response's status code (L{int}); see L{treq_probe}.
     @param on_change: called with C{(backend, healthy)} on each change.
+    @param service: the service's name, a field of the log events.
     """
 
     def __init__(
@@ -268,8 +284,10 @@ class ActiveHealthChecker:
         check: Any,
         probe: Probe,
         on_change: Optional[Callable[[Backend, bool], object]] = None,
+        service: str = "",
     ) -> None:
         self._clock = clock
+        self._service = service
         self._backends = tuple(backends)
         self._check = check
         self._probe = probe
@@ -344,12 +362,26 @@ class ActiveHealthChecker:
             return  # stopped: results of cancelled probes are not verdicts
         if self._states[backend].record(ok):
             state = "healthy" if ok else "unhealthy"
-            _log.info("backend {backend} is now {state}", backend=backend.url, state=state)
+            _log.info(
+                "backend {backend} is now {state}",
+                event="backend_health",
+                service=self._service,
+                backend=backend.url,
+                state=state,
+            )
             if self._on_change is not None:
                 self._on_change(backend, ok)
 
 
 # --- the real probe -----------------------------------------------------------
+
+
+class _QuietFactory(_HTTP11ClientFactory):
+    noisy = False  # no "Starting factory" log lines on every probe
+
+
+class _ProbePool(HTTPConnectionPool):
+    _factory = _QuietFactory
 
 
 def treq_probe(reactor: IReactorTime, client: Any = None) -> Probe:
@@ -372,9 +404,10 @@ def treq_probe(reactor: IReactorTime, client: Any = None) -> Probe:
         the body).
     """
     if client is None:
-        pool = HTTPConnectionPool(reactor, persistent=False)
+        pool = _ProbePool(reactor, persistent=False)
         jar = IndexableCookieJar(DefaultCookiePolicy(allowed_domains=[]))
-        client = HTTPClient(Agent(reactor, pool=pool), cookiejar=jar)
+        agent = Agent.usingEndpointFactory(reactor, BackendEndpoints(reactor, 30.0), pool=pool)
+        client = HTTPClient(agent, cookiejar=jar)
 
     def probe(backend: Backend, path: str, timeout: float) -> Deferred:
         url = backend.url + path

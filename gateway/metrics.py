@@ -42,8 +42,12 @@ METHODS = {
 }
 OTHER = "OTHER"
 
-#: Cache result label values, by what a cache filter sets in C{context.cache}.
-CACHE_RESULTS = {"HIT": "hit", "MISS": "miss", "STALE": "stale", "BYPASS": "bypass"}
+#: Cache result label values, by what a cache filter sets in C{context.cache}
+#: (its C{X-Cache} value, in either case); anything else is C{other}.
+CACHE_RESULTS = {
+    **{v: v.lower() for v in ("HIT", "MISS", "STALE", "BYPASS")},
+    **{v: v for v in ("hit", "miss", "stale", "bypass")},
+}
 
 #: The C{route} and C{service} label of requests no route matched.
 UNROUTED = ""

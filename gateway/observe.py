@@ -199,6 +199,21 @@ def settings_of(config) -> Observability:
     return config.options.get("observability") or Observability()
 
 
+def redacted_query_names(config) -> frozenset:
+    """
+    The query parameter names whose values the access log redacts: the
+    defaults, C{access_log.redact_query}, and every query argument a
+    route's auth takes an API key from (C{auth.api_key.query}), which a
+    refused request still carries.
+    """
+    names = set(settings_of(config).access_log.redact_query)
+    for route in config.routes:
+        query = getattr(route.options.get("auth"), "api_key_query", None)
+        if query:
+            names.add(query.decode("utf-8", "replace").lower())
+    return frozenset(names)
+
+
 class ObserveFilter:
     """
     The C{observe} request filter (order 5): trace context on the way in,
@@ -210,6 +225,7 @@ class ObserveFilter:
     @ivar access_log: the L{AccessLog}.
     @ivar exporter: the L{OtlpExporter}, or None.
     @ivar service: the timers and threads of all of these.
+    @ivar admin_children: the admin resources, by path segment.
     """
 
     name = "observe"
@@ -231,7 +247,7 @@ class ObserveFilter:
             )
             combined.setServiceParent(self.service)
         self.access_log = AccessLog(
-            combined, settings.access_log.redact_query, settings.access_log.enabled
+            combined, redacted_query_names(gateway.snapshot.config), settings.access_log.enabled
         )
         gateway.request_observers.append(self.access_log)
 
@@ -256,6 +272,16 @@ class ObserveFilter:
                     "observability.tracing.otlp is configured but the opentelemetry extra is "
                     "not installed (pip install 'txgateway[opentelemetry]'): no spans are exported"
                 )
+        from gateway.admin import MetricsResource, StatsResource
+
+        #: Put on the admin listener: C{/metrics}, C{/stats} and (with the
+        #: dashboard on) C{/dashboard/}.
+        self.admin_children = {
+            b"metrics": MetricsResource(gateway),
+            b"stats": StatsResource(gateway, self.stats),
+        }
+        if self.feed is not None:
+            self.admin_children[b"dashboard"] = DashboardResource(self.feed)
         self._want_client_line = combined is not None
         self._tracing = settings.tracing
         metrics = getattr(gateway, "metrics", None)
@@ -279,10 +305,9 @@ class ObserveFilter:
         tracestate = headers.getRawHeaders(TRACESTATE)
         trace = continue_or_start(headers.getRawHeaders(b"traceparent"), tracestate, tracing.sample_new)
         context.notes["trace"] = trace
-        upstream = context.notes.get("upstream_headers")
-        if upstream is None:
-            upstream = context.notes["upstream_headers"] = []
-        upstream.extend(upstream_trace_headers(trace, tracestate is not None))
+        context.upstream_headers.extend(upstream_trace_headers(trace))
+        if trace.tracestate is None and tracestate is not None:
+            context.upstream_remove.add(TRACESTATE)
         return None
 
     def stats(self) -> dict:
@@ -314,7 +339,7 @@ class ObserveFilter:
         """After a reload: new access-log settings, metrics series of the new config."""
         new = settings_of(snapshot.config)
         self.access_log.enabled = new.access_log.enabled
-        self.access_log.sensitive = new.access_log.redact_query
+        self.access_log.sensitive = redacted_query_names(snapshot.config)
         self._tracing = new.tracing
         metrics = getattr(self._gateway, "metrics", None)
         if metrics is not None:
@@ -330,17 +355,3 @@ def find(gateway) -> Optional[ObserveFilter]:
         if isinstance(f, ObserveFilter):
             return f
     return None
-
-
-def admin_children(gateway) -> dict:
-    """
-    The admin resources of observability, by path segment: C{metrics},
-    C{stats} and (when the dashboard is on) C{dashboard}.
-    """
-    from gateway.admin import MetricsResource, StatsResource
-
-    children = {b"metrics": MetricsResource(gateway), b"stats": StatsResource(gateway)}
-    observe = find(gateway)
-    if observe is not None and observe.feed is not None:
-        children[b"dashboard"] = DashboardResource(observe.feed)
-    return children

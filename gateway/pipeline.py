@@ -7,9 +7,12 @@ factory, runs their C{on_request} in ascending C{order} before a request is
 forwarded, and their C{on_response} just before response headers go out.
 The documented order:
 
-    0 request ID (core)  5 trace context  10 access log  20 IP rules
+    0 request ID (core)  5 trace context and access log  20 IP rules
     30 CORS  40 auth  50 rate limit  60 cache  70 circuit breaker
-    then forward
+    80 rewrite  then forward
+
+(15 security headers has only C{on_response}.) C{on_response} runs in the
+same order, so a later filter has the last word on a response header.
 
 A filter is an object with (all optional but C{name}):
 
@@ -20,15 +23,40 @@ A filter is an object with (all optional but C{name}):
   - C{on_response(request, context)}: called once response headers are
     set (by the backend or an L{Answer}) and before they are written; it
     may add, change or remove C{request.responseHeaders}.
+  - C{on_upstream_response(request, context, response)}: called with the
+    backend's L{IResponse} before it is relayed. Returns None to relay it;
+    an L{Answer} to answer with instead (the backend body is discarded); a
+    wrapper of C{response} to relay in its place (it must deliver the same
+    body: the proxy still releases the backend's connection slot when the
+    body ends); or a Deferred firing with one of these. The first filter
+    that returns something other than None decides.
+  - C{on_upstream_failure(request, context, failure)}: called when no
+    response came (a L{gateway.forwarding.UpstreamError}); returns None for
+    the usual error answer, or an L{Answer} (or a Deferred firing with
+    either) to send instead.
   - C{reconfigure(snapshot)}: called after a config reload.
   - C{service}: an L{IService} started with the gateway (GC loops,
     fetchers); None for none.
+  - C{admin_children}: a mapping of path segment (L{bytes}) to a
+    L{Resource} put on the admin listener (C{/cache}, ...).
 
 Per-route settings come from C{context.route.options[NAME]} (see
 L{gateway.config.register}); per-request state goes in C{context.notes}.
-Headers for the backend go in C{context.notes["upstream_headers"]}, a list
-of C{(name, value)} byte pairs; each replaces the client's header of that
-name, and a value of None removes it (L{gateway.proxy.apply_upstream_headers}).
+
+What is forwarded, a filter changes through the request's context
+(L{gateway.proxy.RequestContext}), never by editing the client's request:
+
+  - C{context.upstream_remove}: a set of lower-case header names removed
+    from the forwarded request (credentials, headers clients must not
+    forge).
+  - C{context.upstream_headers}: a list of C{(name, value)} byte pairs set
+    on the forwarded request after the gateway has built its headers
+    (C{Host}, C{X-Forwarded-*}, C{Via}, C{X-Request-Id}) and removed those
+    of C{upstream_remove}: the first pair of a name replaces that header,
+    later pairs of the same name add values.
+  - C{context.upstream_path}: the path to forward instead of the route's
+    (L{gateway.proxy.route_path}); C{context.query} is the query string
+    forwarded, with its C{?}.
 """
 
 from __future__ import annotations

@@ -12,16 +12,16 @@ never a traceback, never a hang.
 from __future__ import annotations
 
 import json
-import os
 from typing import Optional
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import server
+from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from gateway.config import Backend, Route
+from gateway.cors import is_preflight
 from gateway.forwarding import (
     BodyRelay,
     UpstreamError,
@@ -30,22 +30,18 @@ from gateway.forwarding import (
     upstream_headers,
 )
 from gateway.pipeline import Answer
+from gateway.retry import RETRIABLE_STATUSES, backoff, should_retry
+from gateway.requestid import REQUEST_ID_HEADER, new_request_id, request_id as choose_request_id
 from gateway.routing import host_of, normalise_path, split_target
 from gateway.state import Gateway, ServiceRuntime
 
 _log = Logger()
 
 _NO_BODY_STATUSES = frozenset([204, 304])
-_REQUEST_ID_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")
 
-
-def _valid_request_id(value: bytes) -> bool:
-    return 0 < len(value) <= 128 and not value.translate(None, bytes(_REQUEST_ID_CHARS))
-
-
-def new_request_id() -> str:
-    """A fresh request ID: 32 hex digits from the OS's random source."""
-    return os.urandom(16).hex()
+#: C{context.notes} key set when a CORS preflight matched its route by the
+#: method it asks about (C{Access-Control-Request-Method}), not by OPTIONS.
+PREFLIGHT_BY_REQUESTED_METHOD = "preflight_by_requested_method"
 
 
 class RequestContext:
@@ -60,6 +56,7 @@ class RequestContext:
         "status", "started", "upstream_started", "upstream_ended", "ended",
         "bytes_in", "bytes_out", "error", "consumer", "retries", "cache",
         "query", "host", "snapshot", "notes",
+        "upstream_headers", "upstream_remove", "upstream_path",
     )
 
     def __init__(self, request_id: str, method: bytes, path: bytes, client_ip: str, started: float):
@@ -89,25 +86,53 @@ class RequestContext:
         self.snapshot = None
         #: Per-request state of filters, by filter name.
         self.notes: dict = {}
+        #: Headers request filters add to the forwarded request:
+        #: C{(name, value)} byte pairs, see L{apply_upstream_headers}.
+        self.upstream_headers: list = []
+        #: Lower-case header names request filters remove from the
+        #: forwarded request, see L{apply_upstream_headers}.
+        self.upstream_remove: set = set()
+        #: The path (without query) to forward, set by a filter that
+        #: rewrites it; None forwards L{route_path}C{(route, path)}.
+        self.upstream_path: Optional[bytes] = None
 
 
-def apply_upstream_headers(headers, extra) -> None:
+def route_path(route: Route, path: bytes) -> bytes:
     """
-    Apply the headers request filters asked to send to the backend.
+    The path a route forwards a request for C{path} to: C{path} itself, or
+    without the route's prefix when the route strips it (C{b"/"} at least).
 
-    A filter puts C{(name, value)} byte pairs in
-    C{context.notes["upstream_headers"]} (a list); each replaces any header
-    of that name the client sent, and a value of None removes the header.
+    @param path: the normalised request path, without the query.
+    """
+    if route.strip_prefix and route.match.path_prefix != "/":
+        path = path[len(route.match.path_prefix.encode("utf-8")):] or b"/"
+        if not path.startswith(b"/"):
+            path = b"/" + path
+    return path
+
+
+def apply_upstream_headers(headers, remove, extra) -> None:
+    """
+    Apply the header changes request filters asked for to the headers of
+    the forwarded request, after the gateway has built them.
+
+    First every header named in C{remove} is removed; then the pairs of
+    C{extra}, in order: the first pair of a name replaces any header of
+    that name, later pairs of the same name add values to it.
 
     @param headers: the upstream L{Headers}, changed in place.
-    @param extra: the list, or None for none.
+    @param remove: lower-case header names (C{context.upstream_remove}).
+    @param extra: C{(name, value)} byte pairs (C{context.upstream_headers}).
     """
-    if not extra:
-        return
+    for name in remove:
+        headers.removeHeader(name)
+    seen = set()
     for name, value in extra:
-        if value is None:
-            headers.removeHeader(name)
+        key = name.lower()
+        if key in seen:
+            headers.addRawHeader(name, value)
         else:
+            seen.add(key)
             headers.setRawHeaders(name, [value])
 
 
@@ -131,12 +156,9 @@ class ProxyResource(Resource):
     def render(self, request: server.Request):
         snapshot = self._gateway.snapshot
         headers = request.requestHeaders
-        incoming_id = headers.getRawHeaders(b"x-request-id")
-        if incoming_id and _valid_request_id(incoming_id[0]):
-            request_id = incoming_id[0].decode("ascii")
-        else:
-            request_id = new_request_id()
-        request.responseHeaders.setRawHeaders(b"X-Request-Id", [request_id.encode("ascii")])
+        raw_id = choose_request_id(headers)
+        request_id = raw_id.decode("ascii")
+        request.responseHeaders.setRawHeaders(REQUEST_ID_HEADER, [raw_id])
         request.responseHeaders.removeHeader(b"server")
         address = request.getClientAddress()
         client_ip = getattr(address, "host", "") or ""
@@ -155,6 +177,16 @@ class ProxyResource(Resource):
             return values[0] if values else None
 
         route = snapshot.router.match(request.method, path, host_of(host_header), header)
+        if route is None and is_preflight(request.method, headers):
+            # A CORS preflight asks about the method it names: a route
+            # taking only that method must see it (the CORS filter refuses
+            # it when that route has no CORS policy).
+            requested = headers.getRawHeaders(b"access-control-request-method")[0]
+            route = snapshot.router.match(
+                requested.strip().upper(), path, host_of(host_header), header
+            )
+            if route is not None:
+                context.notes[PREFLIGHT_BY_REQUESTED_METHOD] = True
         if route is None:
             context.error = "no route"
             self._answer(request, context, Answer.error_(404, "no route matches the request"))
@@ -234,80 +266,233 @@ class ProxyResource(Resource):
         request.finish()
 
     # -- forwarding --------------------------------------------------------
+    #
+    # One client request may take several attempts. Each attempt picks a
+    # usable backend not tried yet, takes its breaker's permission, and is
+    # sent with a timeout of min(per-try timeout, time left of the overall
+    # timeout). A failed attempt is retried when gateway.retry.should_retry
+    # allows it (connect failures for any method; resets, timeouts and
+    # 502/503/504 answers for idempotent methods or routes that allow it),
+    # retries are left, time is left, an untried backend is usable and the
+    # service's retry budget has room; after a jittered exponential backoff.
+    # Retries after a connect failure are not charged to the budget: nothing
+    # reached any backend, so they cannot multiply its load, and when one
+    # backend of several dies, every request that picked it in the moment
+    # before it is taken out would otherwise compete for a budget sized
+    # for real retries.
+    # A retried 5xx answer's body is discarded and its slot released:
+    # nothing reaches the client before the attempt that is answered.
 
     def _forward(self, request, context: RequestContext) -> None:
         route = context.route
         runtime = context.snapshot.services[route.service]
         headers = request.requestHeaders
-        path = context.path
-        if route.strip_prefix and route.match.path_prefix != "/":
-            path = path[len(route.match.path_prefix.encode("utf-8")):] or b"/"
-            if not path.startswith(b"/"):
-                path = b"/" + path
-
-        backend = runtime.balancer.pick(runtime.available(), context.client_ip.encode("ascii", "replace"))
-        if backend is None:
-            context.error = "no backend available"
-            self._answer(
-                request,
-                context,
-                Answer.error_(503, "no healthy backend", ((b"Retry-After", b"1"),)),
-            )
-            return
-        context.backend = backend
-
-        forwarded = upstream_headers(
-            headers,
-            client_ip=context.client_ip,
-            proto=b"https" if request.isSecure() else b"http",
-            host=context.host,
-            preserve_host=route.preserve_host,
-            backend=backend,
-        )
-        forwarded.setRawHeaders(b"X-Request-Id", [context.request_id.encode("ascii")])
-        apply_upstream_headers(forwarded, context.notes.get("upstream_headers"))
+        path = context.upstream_path
+        if path is None:
+            path = route_path(route, context.path)
         body = None
         if headers.hasHeader(b"content-length") or headers.hasHeader(b"transfer-encoding"):
             body = request.content.getvalue()
             context.bytes_in = len(body)
 
-        context.upstream_started = self._clock.seconds()
-        sent = runtime.forwarder.request(
-            request.method,
-            backend,
-            path + context.query,
-            forwarded,
-            body,
-            runtime.service.timeouts.response,
+        service = runtime.service
+        overall = route.timeout if route.timeout is not None else service.timeouts.response
+        per_try = route.retries.per_try_timeout
+        if per_try is None:
+            per_try = service.timeouts.per_try
+        exchange = _Exchange(
+            runtime=runtime,
+            target=path + context.query,
+            body=body,
+            key=runtime.hash_key(context.client_ip, request.getHeader, request.getCookie, context.path),
+            deadline=self._clock.seconds() + overall,
+            per_try=per_try,
         )
-        state = {"relay": None}
+        runtime.budget.request_started()
 
-        def client_gone(failure: Failure) -> None:
-            # The client went away: stop the backend request or body.
-            if not sent.called:
-                sent.cancel()
-            elif state["relay"] is not None and state["relay"].transport is not None:
-                state["relay"].transport.stopProducing()
+        def finished(result):
+            exchange.end_retry()
+            runtime.budget.request_finished()
+            if isinstance(result, Failure):
+                exchange.client_gone()
 
-        request.notifyFinish().addErrback(client_gone)
+        request.notifyFinish().addBoth(finished)
+        self._attempt(request, context, exchange)
+
+    def _attempt(self, request, context: RequestContext, exchange: "_Exchange") -> None:
+        exchange.waiting = None
+        if request._disconnected:
+            return
+        runtime = exchange.runtime
+        backend = self._choose(runtime, exchange)
+        remaining = exchange.deadline - self._clock.seconds()
+        if backend is None or remaining <= 0:
+            exchange.end_retry()
+            if backend is not None:
+                runtime.release(backend)
+            if exchange.last_error is not None:
+                self._answer_error(request, context, exchange.last_error)
+            elif backend is None:
+                context.error = "no backend available"
+                retry_after = b"%d" % runtime.retry_after()
+                self._answer(
+                    request,
+                    context,
+                    Answer.error_(503, "no healthy backend", ((b"Retry-After", retry_after),)),
+                )
+            else:
+                self._answer_error(
+                    request, context, UpstreamError(504, "backend response timed out", "timeout")
+                )
+            return
+        exchange.tried.append(backend)
+        context.backend = backend
+        forwarded = upstream_headers(
+            request.requestHeaders,
+            client_ip=context.client_ip,
+            proto=b"https" if request.isSecure() else b"http",
+            host=context.host,
+            preserve_host=context.route.preserve_host,
+            backend=backend,
+        )
+        forwarded.setRawHeaders(REQUEST_ID_HEADER, [context.request_id.encode("ascii")])
+        apply_upstream_headers(forwarded, context.upstream_remove, context.upstream_headers)
+        if not context.upstream_started:
+            context.upstream_started = self._clock.seconds()
+        timeout = remaining if exchange.per_try is None else min(exchange.per_try, remaining)
+        sent = exchange.sent = runtime.forwarder.request(
+            request.method, backend, exchange.target, forwarded, exchange.body, timeout
+        )
         sent.addCallbacks(
-            self._respond,
-            self._upstream_failed,
-            callbackArgs=(request, context, runtime, backend, state),
-            errbackArgs=(request, context),
+            self._got_response,
+            self._attempt_failed,
+            callbackArgs=(request, context, exchange, backend),
+            errbackArgs=(request, context, exchange, backend),
         )
+        sent.addErrback(self._internal_error, request, context)
 
-    def _respond(self, response, request, context, runtime: ServiceRuntime, backend, state):
-        context.upstream_ended = self._clock.seconds()
-        context.status = response.code
+    def _choose(self, runtime: ServiceRuntime, exchange: "_Exchange") -> Optional[Backend]:
+        """
+        A usable backend not tried yet whose breaker lets the request
+        through (its permission taken), or None.
+        """
+        candidates = [b for b in runtime.available() if b not in exchange.tried]
+        while candidates:
+            backend = runtime.balancer.pick(candidates, exchange.key)
+            if backend is None:
+                return None
+            if runtime.acquire(backend):
+                return backend
+            candidates = [b for b in candidates if b != backend]
+        return None
+
+    def _may_retry(
+        self, request, context, exchange: "_Exchange", outcome: str, status=None, charged=True
+    ) -> bool:
+        policy = context.route.retries
+        runtime = exchange.runtime
+        if context.retries >= policy.max_retries:
+            return False
+        if not should_retry(request.method, outcome, status, policy.non_idempotent):
+            return False
+        if exchange.deadline - self._clock.seconds() <= 0:
+            return False
+        if not any(b not in exchange.tried for b in runtime.available()):
+            return False
+        if charged and not runtime.budget.can_retry():
+            _log.debug(
+                "retry budget of {service} exhausted",
+                event="retry_budget_exhausted",
+                service=runtime.service.name,
+                request_id=context.request_id,
+            )
+            return False
+        return True
+
+    def _retry(self, request, context: RequestContext, exchange: "_Exchange", charged: bool) -> None:
+        policy = context.route.retries
+        context.retries += 1
+        if charged:
+            exchange.runtime.budget.retry_started()
+            exchange.retrying = True
+        delay = backoff(context.retries - 1, policy.backoff_base, policy.backoff_max, self._gateway.rng)
+        delay = min(delay, max(0.0, exchange.deadline - self._clock.seconds()))
+        exchange.waiting = self._clock.callLater(delay, self._attempt, request, context, exchange)
+
+    def _got_response(self, response, request, context, exchange: "_Exchange", backend) -> None:
+        exchange.sent = None
+        exchange.end_retry()
+        runtime = exchange.runtime
+        runtime.record(backend, ok=response.code < 500)
         if request._disconnected:
             response.deliverBody(_Discard())
             runtime.forwarder.limits.release(backend)
             return
+        if response.code in RETRIABLE_STATUSES and self._may_retry(
+            request, context, exchange, "status", response.code
+        ):
+            response.deliverBody(_Discard())
+            runtime.forwarder.limits.release(backend)
+            exchange.last_error = UpstreamError(
+                response.code, f"backend answered {response.code}", "status"
+            )
+            _log.debug(
+                "retrying after {status} from {backend}", status=response.code,
+                backend=backend.url, request_id=context.request_id,
+            )
+            self._retry(request, context, exchange, charged=True)
+            return
+        self._respond(response, request, context, runtime, backend, exchange)
+
+    def _respond(self, response, request, context, runtime: ServiceRuntime, backend, exchange):
+        context.upstream_ended = self._clock.seconds()
+        context.status = response.code
+        decided = self._ask_upstream_filters("on_upstream_response", request, context, response)
+        decided.addCallback(self._relay_or_answer, response, request, context, runtime, backend, exchange)
+        decided.addErrback(self._upstream_filter_failed, response, request, context, runtime, backend)
+
+    def _ask_upstream_filters(self, hook: str, request, context, outcome) -> Deferred:
+        """
+        Offer a backend's response (or failure) to the filters that define
+        C{hook}, in pipeline order; the first that returns something other
+        than None decides.
+
+        @return: fires with None (carry on) or that filter's result.
+        """
+        for f in self._gateway.filters:
+            ask = getattr(f, hook, None)
+            if ask is None:
+                continue
+            try:
+                result = ask(request, context, outcome)
+            except Exception:
+                return fail()
+            if isinstance(result, Deferred):
+                return result
+            if result is not None:
+                return succeed(result)
+        return succeed(None)
+
+    def _relay_or_answer(self, verdict, response, request, context, runtime, backend, exchange) -> None:
+        if isinstance(verdict, Answer) or request._disconnected:
+            response.deliverBody(_Discard())
+            runtime.forwarder.limits.release(backend)
+            if isinstance(verdict, Answer):
+                self._answer(request, context, verdict)
+            return
+        self._relay(verdict or response, request, context, runtime, backend, exchange)
+
+    def _upstream_filter_failed(self, failure, response, request, context, runtime, backend) -> None:
+        response.deliverBody(_Discard())
+        runtime.forwarder.limits.release(backend)
+        self._filter_failed(failure, request, context)
+
+    def _relay(self, response, request, context, runtime: ServiceRuntime, backend, exchange) -> None:
+        """Stream a backend response (or a filter's wrapper of it) to the client."""
         request.setResponseCode(response.code, response.phrase)
         copy_response_headers(response, request.responseHeaders, request.method)
         self._response_filters(request, context)
-        relay = state["relay"] = BodyRelay(request)
+        relay = exchange.relay = BodyRelay(request)
         response.deliverBody(relay)
 
         def body_ended(_: None) -> None:
@@ -330,18 +515,55 @@ class ProxyResource(Resource):
 
         relay.done.addCallback(body_ended)
 
-    def _upstream_failed(self, failure: Failure, request, context) -> None:
+    def _attempt_failed(self, failure: Failure, request, context, exchange: "_Exchange", backend):
+        exchange.sent = None
+        exchange.end_retry()
+        runtime = exchange.runtime
         context.upstream_ended = self._clock.seconds()
-        if request._disconnected:
+        if request._disconnected or not failure.check(UpstreamError):
+            runtime.release(backend)
+            if not request._disconnected:
+                self._internal_error(failure, request, context)
             return
-        if failure.check(UpstreamError):
-            error = failure.value
-            context.error = error.reason
-            self._answer(request, context, Answer.error_(error.status, error.reason))
+        error = failure.value
+        if error.kind == "overload":
+            # The gateway's own connection cap, not the backend's fault.
+            # Nothing was sent, so any method may be retried; but the
+            # backends are busy, so the retry is charged to the budget.
+            runtime.release(backend)
+            outcome, charged = "connect_failure", True
+        else:
+            runtime.record(backend, ok=False)
+            outcome, charged = error.kind, error.kind != "connect_failure"
+        exchange.last_error = error
+        if self._may_retry(request, context, exchange, outcome, charged=charged):
+            _log.debug(
+                "retrying after {kind} from {backend}", kind=error.kind,
+                backend=backend.url, request_id=context.request_id,
+            )
+            self._retry(request, context, exchange, charged)
             return
+        self._answer_error(request, context, error)
+
+    def _answer_error(self, request, context, error: UpstreamError) -> None:
+        """
+        Answer a request that got no usable backend response, unless a
+        filter (the cache's stale-if-error) answers it instead.
+        """
+        context.error = error.reason
+        decided = self._ask_upstream_filters("on_upstream_failure", request, context, Failure(error))
+        decided.addCallback(
+            lambda answer: self._answer(
+                request, context, answer or Answer.error_(error.status, error.reason)
+            )
+        )
+        decided.addErrback(self._filter_failed, request, context)
+
+    def _internal_error(self, failure: Failure, request, context) -> None:
         _log.failure("unexpected forwarding failure", failure, request_id=context.request_id)
         context.error = "internal error"
-        self._answer(request, context, Answer.error_(500, "internal gateway error"))
+        if not request._disconnected:
+            self._answer(request, context, Answer.error_(500, "internal gateway error"))
 
     def _finished(self, result, request, context: RequestContext) -> None:
         context.ended = self._clock.seconds()
@@ -355,6 +577,56 @@ class ProxyResource(Resource):
             except Exception:
                 _log.failure("request observer failed", request_id=context.request_id)
         return None
+
+
+class _Exchange:
+    """
+    The forwarding state of one client request across its attempts.
+
+    @ivar tried: the backends tried so far, in order.
+    @ivar deadline: the reactor time by which response headers must come.
+    @ivar per_try: seconds one attempt may take, or None.
+    @ivar last_error: the L{UpstreamError} of the latest failed attempt.
+    @ivar sent: the attempt in flight, or None.
+    @ivar waiting: the delayed call of a retry's backoff, or None.
+    @ivar relay: the L{BodyRelay} streaming the answer, once there is one.
+    @ivar retrying: a retry counted in the budget has not ended yet.
+    """
+
+    __slots__ = (
+        "runtime", "target", "body", "key", "deadline", "per_try", "tried",
+        "last_error", "sent", "waiting", "relay", "retrying",
+    )
+
+    def __init__(self, runtime, target, body, key, deadline, per_try) -> None:
+        self.runtime = runtime
+        self.target = target
+        self.body = body
+        self.key = key
+        self.deadline = deadline
+        self.per_try = per_try
+        self.tried: list = []
+        self.last_error: Optional[UpstreamError] = None
+        self.sent: Optional[Deferred] = None
+        self.waiting = None
+        self.relay: Optional[BodyRelay] = None
+        self.retrying = False
+
+    def end_retry(self) -> None:
+        """The retry in progress, if any, has ended: give back its budget."""
+        if self.retrying:
+            self.retrying = False
+            self.runtime.budget.retry_finished()
+
+    def client_gone(self) -> None:
+        """Stop whatever is in progress: attempt, backoff wait or body."""
+        if self.waiting is not None and self.waiting.active():
+            self.waiting.cancel()
+            self.waiting = None
+        if self.sent is not None and not self.sent.called:
+            self.sent.cancel()
+        if self.relay is not None and self.relay.transport is not None:
+            self.relay.transport.stopProducing()
 
 
 class _Discard:
@@ -399,19 +671,148 @@ class GatewayRequest(server.Request):
     def _refuse(self) -> None:
         self._too_large = True
         self.content = _NullFile()
-        body = json.dumps(
-            {"error": "request body too large", "request_id": None}
-        ).encode("utf-8")
-        self.channel.transport.write(
-            b"HTTP/1.1 413 Content Too Large\r\nContent-Type: application/json\r\n"
-            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        refuse_connection(
+            self.channel.transport, 413, "request body too large", self.requestHeaders
         )
-        self.channel.transport.loseConnection()
 
     def requestReceived(self, command, path, version) -> None:
         if self._too_large:
             return
         super().requestReceived(command, path, version)
+
+
+_PHRASES = {
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    431: b"Request Header Fields Too Large",
+}
+
+
+def refuse_connection(transport, status: int, message: str, headers=None) -> None:
+    """
+    Answer a request the channel will not read to its end with a JSON
+    error, then close the connection: the rest of what the client sends
+    (body, headers) is never read, so the connection cannot be reused.
+
+    @param transport: the client connection.
+    @param status: one of 408, 413, 414, 431.
+    @param message: the C{error} of the JSON body.
+    @param headers: the request headers received so far (their valid
+        C{X-Request-Id} is kept), or None.
+    """
+    raw_id = choose_request_id(headers) if headers is not None else new_request_id().encode("ascii")
+    request_id = raw_id.decode("ascii")
+    body = json.dumps({"error": message, "request_id": request_id}).encode("utf-8")
+    transport.write(
+        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
+        b"X-Request-Id: %s\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+        % (status, _PHRASES[status], raw_id, len(body), body)
+    )
+    transport.loseConnection()
+    peer = transport.getPeer()
+    _log.info(
+        "refused a request from {client} with {status}: {reason}",
+        client=getattr(peer, "host", str(peer)),
+        status=status,
+        reason=message,
+        request_id=request_id,
+    )
+
+
+class GatewayChannel(http.HTTPChannel):
+    """
+    The main listener's HTTP/1.1 channel, enforcing the configured
+    C{limits} (read from the gateway's snapshot when the connection opens):
+
+      - more than C{max_header_count} header fields, or more than
+        C{max_header_bytes} of request line and fields: 431 (414 when the
+        request line alone is too long), where Twisted would send a bare 400;
+      - C{client_header_timeout}: the headers of a request must arrive
+        within this many seconds of its first byte, or the client gets 408
+        (a slowloris client trickling bytes would never trip the idle
+        timeout, which each byte resets);
+      - C{client_idle_timeout}: Twisted's idle timeout (C{timeOut}).
+
+    Each refusal is answered with L{refuse_connection}: a JSON body with a
+    request ID, then the connection is closed.
+    """
+
+    _header_timeout: Optional[float] = None
+    _header_call = None
+
+    def connectionMade(self) -> None:
+        limits = self.site.gateway.snapshot.config.limits
+        self.maxHeaders = limits.max_header_count
+        self.totalHeadersSize = limits.max_header_bytes
+        # LineReceiver drops a longer line (one header, or the request line)
+        # with no answer at all; lineLengthExceeded answers instead.
+        self.MAX_LENGTH = limits.max_header_bytes
+        self.timeOut = limits.client_idle_timeout or None
+        self._header_timeout = limits.client_header_timeout or None
+        super().connectionMade()
+
+    def dataReceived(self, data: bytes) -> None:
+        if (
+            self._header_call is None
+            and self._header_timeout is not None
+            and self.line_mode
+            and not self._handlingRequest
+        ):
+            self._header_call = self.callLater(self._header_timeout, self._headers_too_slow)
+        super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+            self._too_large(first_line=self._receivedHeaderSize == 0)
+            return
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._too_large(first_line=self._receivedHeaderSize == 0)
+
+    def headerReceived(self, line: bytes) -> bool:
+        if self._receivedHeaderCount >= self.maxHeaders:
+            self._refuse(431, "too many request header fields")
+            return False
+        return super().headerReceived(line)
+
+    def allHeadersReceived(self) -> None:
+        self._cancel_header_timeout()
+        super().allHeadersReceived()
+
+    def connectionLost(self, reason) -> None:
+        self._cancel_header_timeout()
+        super().connectionLost(reason)
+
+    def _cancel_header_timeout(self) -> None:
+        call, self._header_call = self._header_call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _headers_too_slow(self) -> None:
+        self._header_call = None
+        if self.transport.disconnecting:
+            return
+        self._refuse(408, "request headers not received in time")
+
+    def _too_large(self, first_line: bool) -> None:
+        if first_line:
+            self._refuse(414, "request line too long")
+        else:
+            self._refuse(431, "request header fields too large")
+
+    def _refuse(self, status: int, message: str) -> None:
+        self._cancel_header_timeout()
+        headers = self.requests[-1].requestHeaders if self.requests else None
+        # Stop parsing: nothing more this client sends is read.
+        self.dataReceived = self.lineReceived = lambda *args: None
+        refuse_connection(self.transport, status, message, headers)
+
+
+def _channel_factory(site) -> http._GenericHTTPChannelProtocol:
+    # What Site.protocol normally does, with our channel inside.
+    return http._GenericHTTPChannelProtocol(GatewayChannel())
 
 
 class _NullFile:
@@ -439,6 +840,7 @@ class GatewaySite(server.Site):
     """
 
     requestFactory = GatewayRequest
+    protocol = _channel_factory
     noisy = False
 
     def __init__(self, gateway: Gateway, **kwargs) -> None:

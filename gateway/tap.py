@@ -5,6 +5,8 @@ C{twistd -n gateway --config etc/gateway.yaml} (or C{twist gateway ...})
 builds the tree with L{makeService}::
 
     GatewayService (MultiService)
+      ├─ health checks      (HealthChecks: one LoopingCall per service with a health_check)
+      ├─ filter services    (each request filter's C{service}, if any)
       ├─ admin listener     (StreamServerEndpointService, admin.listen)
       └─ main listener      (StreamServerEndpointService, listen)  added last, stops first
 """
@@ -15,7 +17,7 @@ import os
 import sys
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
@@ -33,8 +35,16 @@ def summary(config: Config) -> str:
     lines = [f"{config.source}: OK", f"listen: {config.listen}"]
     lines.append(f"admin: {config.admin.listen or 'off'}")
     for name, service in config.services.items():
+        extras = [service.balancer + (f" on {service.hash_on}" if service.hash_on else "")]
+        if service.health_check is not None:
+            check = service.health_check
+            extras.append(f"health check {check.path} every {check.interval:g}s")
+        if service.passive_health is not None:
+            extras.append(f"ejection after {service.passive_health.consecutive_failures} failures")
+        if service.circuit_breaker is not None:
+            extras.append("circuit breaker")
         lines.append(
-            f"service {name}: {service.balancer}, "
+            f"service {name}: {', '.join(extras)}: "
             + ", ".join(b.url for b in service.backends)
         )
     for route in config.routes:
@@ -132,6 +142,26 @@ class GatewayService(MultiService):
         return d
 
 
+class HealthChecks(Service):
+    """
+    Runs the active health checks of every service while the gateway runs,
+    following reloads (L{gateway.state.Gateway.start}).
+    """
+
+    name = "health-checks"
+
+    def __init__(self, gateway) -> None:
+        self.gateway = gateway
+
+    def startService(self) -> None:
+        super().startService()
+        self.gateway.start()
+
+    def stopService(self):
+        self.gateway.stop()
+        return super().stopService()
+
+
 def makeService(options: Options, reactor=None) -> GatewayService:
     """
     Build the service tree from parsed options.
@@ -148,11 +178,10 @@ def makeService(options: Options, reactor=None) -> GatewayService:
     config: Config = getattr(options, "config", None) or load_config(options["config"])
     gateway = Gateway(reactor, config)
     root = GatewayService(gateway)
-
-    # Services of request filters (GC loops, log flushers, feeds) start
-    # before the listeners and stop after them.
-    for request_filter in gateway.filters:
-        service = getattr(request_filter, "service", None)
+    # Before the listeners: probes start before the first client request.
+    HealthChecks(gateway).setServiceParent(root)
+    for f in gateway.filters:  # their services start before the listeners
+        service = getattr(f, "service", None)
         if service is not None:
             service.setServiceParent(root)
 

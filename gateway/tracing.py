@@ -189,17 +189,17 @@ def continue_or_start(
     return TraceContext(trace_id, new_span_id(), parent_id, flags, parse_tracestate(tracestate))
 
 
-def upstream_trace_headers(trace: TraceContext, client_sent_tracestate: bool) -> list:
+def upstream_trace_headers(trace: TraceContext) -> list:
     """
-    The C{(name, value)} pairs for C{context.notes["upstream_headers"]}:
-    the new C{traceparent}, and C{tracestate} rewritten (joined) or removed
-    (value None) when the client sent one that must not go on as is.
+    The C{(name, value)} pairs to set on the forwarded request
+    (C{context.upstream_headers}): the new C{traceparent}, and the
+    C{tracestate} to pass on (joined into one field) if any. A client's
+    C{tracestate} that must not go on (a new trace, or malformed) is to be
+    removed (C{context.upstream_remove}).
     """
     headers = [(TRACEPARENT, trace.traceparent())]
     if trace.tracestate is not None:
         headers.append((TRACESTATE, trace.tracestate))
-    elif client_sent_tracestate:
-        headers.append((TRACESTATE, None))
     return headers
 
 

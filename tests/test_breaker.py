@@ -209,3 +209,15 @@ def test_no_callback_needed():
 def test_bad_parameters(kw):
     with pytest.raises(ValueError):
         CircuitBreaker(Clock(), **kw)
+
+
+def test_open_for_counts_down_the_cooldown():
+    clock = Clock()
+    breaker = CircuitBreaker(clock, failure_threshold=1, cooldown=10)
+    assert breaker.open_for() == 0
+    breaker.record_failure()
+    assert breaker.open_for() == 10
+    clock.advance(4)
+    assert breaker.open_for() == 6
+    clock.advance(6)
+    assert breaker.open_for() == 0 and breaker.state == "half_open"

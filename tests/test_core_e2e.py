@@ -192,6 +192,7 @@ def test_body_over_limit_is_413(gateway):
     r = request(gateway.port, "POST", "/one/upload", body=b"x" * (64 * 1024 + 1))
     assert r.status == 413
     assert r.json()["error"] == "request body too large"
+    assert r.json()["request_id"] == r.header("X-Request-Id")
     assert request(gateway.port, "POST", "/one/upload", body=b"x" * (64 * 1024)).status == 200
 
 

@@ -437,3 +437,31 @@ def wait_for_no_delayed_calls(reactor, limit=2.0):
         if not reactor.getDelayedCalls():
             return
         yield task.deferLater(reactor, 0.01, lambda: None)
+
+
+def test_ejected_for_counts_down():
+    det, clock, pool = detector(consecutive_failures=1, ejection_time=10)
+    assert det.ejected_for(pool[0]) == 0
+    det.record_failure(pool[0])
+    clock.advance(3)
+    assert det.ejected_for(pool[0]) == 7 and det.ejected_for(pool[1]) == 0
+    clock.advance(7)
+    assert det.ejected_for(pool[0]) == 0
+    assert det.ejected_for(backends(20)[15]) == 0  # unknown
+
+
+def test_state_changes_are_structured_events(events):
+    clock = Clock()
+    pool = backends(2)
+    probe = FakeProbe(clock)
+    check = HealthCheck(path="/ping", interval=10, timeout=2, unhealthy_threshold=1)
+    hc = ActiveHealthChecker(clock, pool, check, probe, service="users")
+    probe.script[pool[0]] = 500
+    hc.start()
+    [event] = [e for e in events if e.get("event") == "backend_health"]
+    assert (event["service"], event["backend"], event["state"]) == ("users", pool[0].url, "unhealthy")
+    hc.stop()
+    det = OutlierDetector(clock, pool, consecutive_failures=1, service="users")
+    det.record_failure(pool[1])
+    [event] = [e for e in events if e.get("event") == "backend_ejected"]
+    assert (event["service"], event["backend"]) == ("users", pool[1].url)

@@ -98,7 +98,7 @@ def test_labels_are_bounded_whatever_clients_send():
 def test_cache_results_and_rate_limited():
     c = config()
     m = GatewayMetrics()
-    for result in ("HIT", "HIT", "MISS", "STALE", "BYPASS", "WEIRD"):
+    for result in ("HIT", "hit", "MISS", "stale", "BYPASS", "WEIRD"):
         m.observe(finished(c, cache=result))
     m.observe(finished(c, backend=None, status=429))  # answered by the gateway
     m.observe(finished(c, status=429))  # the backend's own 429: not ours

@@ -102,7 +102,7 @@ def test_filter_continues_trace_and_sets_upstream_headers():
     trace = context.notes["trace"]
     assert trace.trace_id == "4bf92f3577b34da6a3ce929d0e0e4736"
     upstream = Headers({b"traceparent": [TRACEPARENT], b"tracestate": [b"a=1", b"b=2"]})
-    apply_upstream_headers(upstream, context.notes["upstream_headers"])
+    apply_upstream_headers(upstream, context.upstream_remove, context.upstream_headers)
     assert upstream.getRawHeaders(b"traceparent") == [trace.traceparent()]
     assert upstream.getRawHeaders(b"tracestate") == [b"a=1,b=2"]
 
@@ -113,7 +113,7 @@ def test_filter_drops_tracestate_of_a_new_trace():
     context.notes.clear()
     find(gateway).on_request(Request({b"tracestate": [b"a=1"]}), context)
     upstream = Headers({b"tracestate": [b"a=1"]})
-    apply_upstream_headers(upstream, context.notes["upstream_headers"])
+    apply_upstream_headers(upstream, context.upstream_remove, context.upstream_headers)
     assert not upstream.hasHeader(b"tracestate")
     assert upstream.getRawHeaders(b"traceparent") == [context.notes["trace"].traceparent()]
 
@@ -125,7 +125,7 @@ def test_tracing_off_leaves_headers_alone():
     context = finished(gateway.snapshot.config)
     context.notes.clear()
     observe.on_request(Request({b"traceparent": [TRACEPARENT]}), context)
-    assert context.notes == {}
+    assert context.notes == {} and context.upstream_headers == [] and not context.upstream_remove
 
 
 def test_client_line_recorded_only_with_a_combined_file(tmp_path):
@@ -165,3 +165,20 @@ def test_otlp_without_the_extra_is_a_warning(monkeypatch):
     monkeypatch.setattr(observe_module, "otlp_available", lambda: False)
     gateway = make_gateway('observability: {tracing: {otlp: {endpoint: "http://127.0.0.1:4318/v1/traces"}}}')
     assert find(gateway).exporter is None
+
+
+def test_auth_query_argument_is_redacted():
+    gateway = make_gateway(
+        """
+consumers: [{name: alice, api_keys: [k-123]}]
+observability: {access_log: {redact_query: [extra]}}
+"""
+    )
+    assert find(gateway).access_log.sensitive == SENSITIVE_QUERY_PARAMETERS | {"extra"}
+    text = CONFIG.replace(
+        "{name: orders-api, match: {path_prefix: /orders}, service: orders}",
+        "{name: orders-api, match: {path_prefix: /orders}, service: orders,"
+        " auth: {methods: [api_key], api_key: {header: X-API-Key, query: My-Key}}}",
+    )
+    gateway = Gateway(Clock(), parse_config(text + "consumers: [{name: alice, api_keys: [k-123]}]\n"))
+    assert "my-key" in find(gateway).access_log.sensitive

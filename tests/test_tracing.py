@@ -131,14 +131,12 @@ def test_tracestate_invalid(value):
 
 def test_upstream_headers():
     trace = continue_or_start([VALID], [b"congo=1", b"rojo=2"])
-    assert upstream_trace_headers(trace, True) == [
+    assert upstream_trace_headers(trace) == [
         (TRACEPARENT, trace.traceparent()),
         (TRACESTATE, b"congo=1,rojo=2"),
     ]
     fresh = continue_or_start(None, [b"congo=1"])
-    # The client's tracestate must not reach the backend with a new trace.
-    assert upstream_trace_headers(fresh, True) == [(TRACEPARENT, fresh.traceparent()), (TRACESTATE, None)]
-    assert upstream_trace_headers(fresh, False) == [(TRACEPARENT, fresh.traceparent())]
+    assert upstream_trace_headers(fresh) == [(TRACEPARENT, fresh.traceparent())]
 
 
 # --- OTLP export (only with the opentelemetry extra) ---------------------------------

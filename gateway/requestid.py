@@ -1,0 +1,56 @@
+"""
+Request IDs: one per request, taken from the client's C{X-Request-ID} when
+it is well-formed, generated otherwise, forwarded to the backend and
+returned to the client, and logged with every event about the request.
+
+A client-supplied ID is accepted only if it is 1 to 128 characters of
+C{[A-Za-z0-9._:-]}: it goes into logs and headers, so it must not carry
+spaces, quotes, control characters or unbounded length.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Optional
+
+from twisted.web.http_headers import Headers
+
+#: The header carrying the request ID, both ways.
+REQUEST_ID_HEADER = b"X-Request-ID"
+
+_VALID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+
+
+def valid_request_id(value: bytes) -> bool:
+    """
+    Whether C{value} may be used as a request ID: 1 to 128 characters of
+    C{[A-Za-z0-9._:-]}.
+
+    @param value: the header value, as received.
+    """
+    return _VALID.fullmatch(value) is not None
+
+
+def new_request_id() -> str:
+    """
+    A fresh request ID: 32 lowercase hex digits from 128 random bits
+    (C{os.urandom}, about half a microsecond).
+    """
+    return os.urandom(16).hex()
+
+
+def request_id(headers: Headers, header: bytes = REQUEST_ID_HEADER) -> bytes:
+    """
+    The request's ID: the client's when it sent exactly one valid value,
+    a new one otherwise.
+
+    @param headers: the request headers.
+    @param header: the header name.
+    @return: the ID, ASCII bytes, ready for the forwarded request and the
+        response.
+    """
+    values: Optional[list[bytes]] = headers.getRawHeaders(header)
+    if values is not None and len(values) == 1 and valid_request_id(values[0]):
+        return values[0]
+    return new_request_id().encode("ascii")

@@ -1,0 +1,184 @@
+"""
+The main listener's channel: header count and size limits (431, 414), the
+header deadline against slowloris clients (408) and the idle timeout, all
+from C{limits:} in the config.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+from gateway.config import ConfigError, Limits, parse_config
+from gateway.proxy import GatewaySite
+from gateway.state import Gateway
+
+CONFIG = """
+services:
+  svc:
+    backends: [{url: "http://127.0.0.1:9"}]
+routes: []
+limits:
+%s
+"""
+
+
+def limits(**values) -> str:
+    return "\n".join(f"  {k}: {v}" for k, v in values.items()) or "  {}"
+
+
+def connect(**values):
+    reactor = MemoryReactorClock()
+    gateway = Gateway(reactor, parse_config(CONFIG % limits(**values)))
+    site = GatewaySite(gateway, reactor=reactor)
+    protocol = site.buildProtocol(IPv4Address("TCP", "192.0.2.7", 40000))
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
+    protocol.makeConnection(transport)
+    return reactor, protocol, transport
+
+
+def answer(transport):
+    """(status, headers dict, body) of what the gateway wrote."""
+    raw = transport.value()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split()[1])
+    headers = dict(line.split(b": ", 1) for line in lines[1:])
+    return status, headers, body
+
+
+def headers(n: int, size: int = 1) -> bytes:
+    return b"".join(b"X-H%d: %s\r\n" % (i, b"v" * size) for i in range(n))
+
+
+def test_defaults_and_config_keys():
+    assert Limits() == Limits(10 * 1024 * 1024, 100, 16384, 60.0, 30.0)
+    config = parse_config(CONFIG % limits(
+        max_header_count=20, max_header_bytes="4KiB", client_idle_timeout="5s",
+        client_header_timeout="500ms",
+    ))
+    assert config.limits == Limits(10 * 1024 * 1024, 20, 4096, 5.0, 0.5)
+    # Giving some keys keeps the others' defaults.
+    assert parse_config(CONFIG % limits(max_header_count=7)).limits.max_request_body == 10 * 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    "key, value, reason",
+    [
+        ("max_header_count", 0, "must be at least 1"),
+        ("max_header_bytes", 100, "must be between 1KiB and 1MiB"),
+        ("client_idle_timeout", "soon", "expected a duration"),
+        ("client_header_timeout", -1, "cannot be negative"),
+    ],
+)
+def test_bad_limits_name_the_line(key, value, reason):
+    with pytest.raises(ConfigError) as info:
+        parse_config(CONFIG % limits(**{key: value}), "gw.yaml")
+    assert info.value.line == 7
+    assert f"limits.{key}: " in str(info.value) and reason in str(info.value)
+
+
+def test_header_count_at_the_limit_is_served():
+    _, protocol, transport = connect(max_header_count=5)
+    protocol.dataReceived(b"GET /x HTTP/1.1\r\nHost: gw\r\n" + headers(4) + b"\r\n")
+    status, _, body = answer(transport)
+    assert status == 404  # parsed and routed (there are no routes)
+
+
+def test_too_many_headers_get_431_with_a_request_id_and_close():
+    _, protocol, transport = connect(max_header_count=5)
+    protocol.dataReceived(
+        b"GET /x HTTP/1.1\r\nX-Request-Id: abc-1\r\n" + headers(5) + b"\r\n"
+    )
+    status, head, body = answer(transport)
+    assert status == 431
+    assert head[b"Connection"] == b"close" and head[b"X-Request-Id"] == b"abc-1"
+    assert json.loads(body) == {"error": "too many request header fields", "request_id": "abc-1"}
+    assert transport.disconnecting
+
+
+def test_header_bytes_over_the_limit_get_431():
+    _, protocol, transport = connect(max_header_bytes="1KiB")
+    protocol.dataReceived(b"GET /x HTTP/1.1\r\n" + headers(3, 400) + b"\r\n")
+    status, _, body = answer(transport)
+    assert status == 431
+    assert json.loads(body)["error"] == "request header fields too large"
+    assert transport.disconnecting
+
+
+def test_one_header_line_longer_than_the_limit_gets_431():
+    # Longer than a line may be at all: Twisted would close without a word.
+    _, protocol, transport = connect(max_header_bytes="1KiB")
+    protocol.dataReceived(b"GET /x HTTP/1.1\r\nX-Big: " + b"v" * 3000)
+    assert answer(transport)[0] == 431
+    assert transport.disconnecting
+
+
+def test_long_request_line_gets_414():
+    _, protocol, transport = connect(max_header_bytes="1KiB")
+    protocol.dataReceived(b"GET /" + b"a" * 1100 + b" HTTP/1.1\r\n\r\n")
+    status, _, body = answer(transport)
+    assert status == 414 and json.loads(body)["error"] == "request line too long"
+    _, protocol, transport = connect(max_header_bytes="1KiB")
+    protocol.dataReceived(b"GET /" + b"a" * 3000)  # not even a line end
+    assert answer(transport)[0] == 414
+
+
+def test_nothing_after_a_refusal_is_parsed():
+    _, protocol, transport = connect(max_header_count=1)
+    protocol.dataReceived(b"GET /x HTTP/1.1\r\n" + headers(2) + b"\r\nGET /y HTTP/1.1\r\n\r\n")
+    assert transport.value().count(b"HTTP/1.1 ") == 1
+
+
+def test_slowloris_headers_get_408_though_bytes_keep_coming():
+    reactor, protocol, transport = connect(client_header_timeout="1s", client_idle_timeout="10s")
+    protocol.dataReceived(b"GET /x HTTP/1.1\r\n")
+    for _ in range(3):
+        reactor.advance(0.3)
+        protocol.dataReceived(b"X-A: b\r\n")  # each byte resets the idle timeout
+    assert transport.value() == b""
+    reactor.advance(0.2)
+    status, _, body = answer(transport)
+    assert status == 408 and json.loads(body)["error"] == "request headers not received in time"
+    assert transport.disconnecting
+
+
+def test_header_deadline_is_per_request_and_cancelled_when_headers_end():
+    reactor, protocol, transport = connect(client_header_timeout="1s", client_idle_timeout=0)
+    protocol.dataReceived(b"GET /x HTTP/1.1\r\nHost: gw\r\n\r\n")
+    assert answer(transport)[0] == 404
+    assert reactor.getDelayedCalls() == []
+    transport.clear()
+    reactor.advance(5)  # idle between requests: not the header deadline's business
+    protocol.dataReceived(b"GET /y HTTP/1.1\r\n")
+    assert len(reactor.getDelayedCalls()) == 1
+    reactor.advance(1)
+    assert answer(transport)[0] == 408
+
+
+def test_idle_client_is_disconnected():
+    reactor, protocol, transport = connect(client_idle_timeout="2s")
+    reactor.advance(1.9)
+    assert not transport.disconnecting
+    reactor.advance(0.2)
+    assert transport.disconnecting and transport.value() == b""
+
+
+def test_zero_turns_the_timeouts_off():
+    reactor, protocol, transport = connect(client_idle_timeout=0, client_header_timeout=0)
+    protocol.dataReceived(b"GET /x HTTP/1.1\r\n")
+    assert reactor.getDelayedCalls() == []
+    protocol.connectionLost(None)
+
+
+def test_connection_lost_cancels_the_header_deadline():
+    reactor, protocol, transport = connect(client_header_timeout="1s", client_idle_timeout=0)
+    protocol.dataReceived(b"GET /x HTTP/1.1\r\n")
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert reactor.getDelayedCalls() == []

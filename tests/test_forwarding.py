@@ -1,0 +1,64 @@
+"""Header rules (RFC 9110 §7.6) and the per-backend connection limit."""
+
+from twisted.internet.defer import CancelledError
+from twisted.web.http_headers import Headers
+
+from gateway.config import Backend
+from gateway.forwarding import ConnectionLimit, connection_tokens, upstream_headers
+
+BACKEND = Backend.from_url("http://10.0.0.1:9000")
+
+
+def forwarded(raw, **kw):
+    options = dict(client_ip="192.0.2.1", proto=b"http", host=b"api.test", preserve_host=False, backend=BACKEND)
+    options.update(kw)
+    return upstream_headers(Headers(raw), **options)
+
+
+def test_hop_by_hop_and_connection_named_headers_dropped():
+    out = forwarded({
+        b"Connection": [b"keep-alive, X-Private"], b"X-Private": [b"1"], b"Keep-Alive": [b"timeout=1"],
+        b"TE": [b"trailers"], b"Trailer": [b"x"], b"Upgrade": [b"h2c"], b"Proxy-Authorization": [b"a"],
+        b"Transfer-Encoding": [b"chunked"], b"Content-Length": [b"3"], b"Expect": [b"100-continue"],
+        b"X-Kept": [b"a", b"b"],
+    })
+    names = {name.lower() for name, _ in out.getAllRawHeaders()}
+    assert names == {b"x-kept", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"via", b"host"}
+    assert out.getRawHeaders(b"x-kept") == [b"a", b"b"]
+
+
+def test_forwarded_headers_appended():
+    out = forwarded({b"X-Forwarded-For": [b"203.0.113.1", b"198.51.100.2"], b"Via": [b"1.0 edge"]})
+    assert out.getRawHeaders(b"x-forwarded-for") == [b"203.0.113.1, 198.51.100.2, 192.0.2.1"]
+    assert out.getRawHeaders(b"via") == [b"1.0 edge, 1.1 txgateway"]
+    assert out.getRawHeaders(b"x-forwarded-proto") == [b"http"]
+    assert out.getRawHeaders(b"x-forwarded-host") == [b"api.test"]
+
+
+def test_host_header():
+    assert forwarded({}).getRawHeaders(b"host") == [b"10.0.0.1:9000"]
+    assert forwarded({}, preserve_host=True).getRawHeaders(b"host") == [b"api.test"]
+
+
+def test_connection_tokens():
+    assert connection_tokens(Headers({b"Connection": [b"Keep-Alive , X-A", b"x-b"]})) == {b"keep-alive", b"x-a", b"x-b"}
+    assert connection_tokens(Headers()) == frozenset()
+
+
+def test_connection_limit_queues_in_order_and_hands_over_slots():
+    limit = ConnectionLimit(2)
+    assert limit.acquire(BACKEND) is None and limit.acquire(BACKEND) is None
+    assert limit.active(BACKEND) == 2
+    first, second = limit.acquire(BACKEND), limit.acquire(BACKEND)
+    fired = []
+    first.addCallback(lambda _: fired.append("first"))
+    second.addCallback(lambda _: fired.append("second"))
+    limit.release(BACKEND)
+    assert fired == ["first"] and limit.active(BACKEND) == 2
+    second.cancel()
+    failures = []
+    second.addErrback(lambda f: failures.append(f.check(CancelledError)))
+    assert failures == [CancelledError]
+    limit.release(BACKEND)
+    limit.release(BACKEND)
+    assert limit.active(BACKEND) == 0

@@ -1,0 +1,102 @@
+"""
+The proxy's hooks for request filters, through the resource tree without
+sockets: upstream header changes, a rewritten path.
+"""
+
+from __future__ import annotations
+
+import pytest
+from twisted.web.http_headers import Headers
+
+from gateway import pipeline
+from gateway.proxy import apply_upstream_headers
+from tests.stubgateway import BASE, StubGateway
+
+
+@pytest.fixture
+def register():
+    """Register filters for one test only."""
+    added = []
+
+    def add(order, name, factory):
+        pipeline.register_filter(order, name, factory)
+        added.append(name)
+
+    yield add
+    for name in added:
+        del pipeline.FILTERS[name]
+
+
+class Hooks:
+    name = "test_hooks"
+
+    def __init__(self, gateway):
+        pass
+
+    def on_request(self, request, context):
+        context.upstream_remove.add(b"x-secret")
+        context.upstream_headers.append((b"X-Added", b"1"))
+        context.upstream_headers.append((b"X-Added", b"2"))
+        context.upstream_headers.append((b"X-Replaced", b"new"))
+        context.upstream_headers.append((b"Host", b"chosen.test"))
+        context.upstream_path = b"/elsewhere"
+        context.query = b"?q=2"
+
+
+def test_apply_upstream_headers_removes_then_sets_then_adds():
+    headers = Headers({b"X-A": [b"client"], b"X-B": [b"client"], b"X-C": [b"client"]})
+    apply_upstream_headers(headers, {b"x-a", b"x-c"}, [(b"X-C", b"1"), (b"X-B", b"2"), (b"X-C", b"3")])
+    assert headers.getRawHeaders(b"x-a") is None
+    assert headers.getRawHeaders(b"x-b") == [b"2"]
+    assert headers.getRawHeaders(b"x-c") == [b"1", b"3"]
+
+
+def test_filters_change_what_is_forwarded_not_the_client_request(register):
+    register(45, "test_hooks", Hooks)
+    gw = StubGateway(BASE + "routes: [{name: r, service: svc, match: {path_prefix: /api}, strip_prefix: true}]")
+    r = gw.request("GET", "/api/x?q=1", headers={"X-Secret": "s", "X-Replaced": "old"})
+    assert r.code == 200
+    assert r.json()["uri"] == "/elsewhere?q=2"
+    assert r.upstream_header("X-Secret") == []
+    assert r.upstream_header("X-Added") == ["1", "2"]
+    assert r.upstream_header("X-Replaced") == ["new"]
+    assert r.upstream_header("Host") == ["chosen.test"]
+    # The client's request itself is untouched, for the filters that follow.
+    backend_request = gw.backend.requests[-1]
+    assert backend_request.requestHeaders.getRawHeaders(b"x-request-id") == [r.header("X-Request-Id").encode()]
+
+
+def test_route_path_by_default():
+    gw = StubGateway(BASE + "routes: [{name: r, service: svc, match: {path_prefix: /api}, strip_prefix: true}]")
+    assert gw.request("GET", "/api/users/7?x=1").json()["uri"] == "/users/7?x=1"
+    assert gw.request("GET", "/api").json()["uri"] == "/"
+
+
+
+@pytest.mark.parametrize(
+    "sent, kept",
+    [
+        (["abc-123.x:y_z"], True),
+        (["no spaces"], False),
+        (["x" * 129], False),
+        (["a", "b"], False),  # which one was meant is unknowable
+    ],
+)
+def test_request_id_kept_when_valid_else_made_and_sent_both_ways(sent, kept):
+    from twisted.web.http_headers import Headers as H
+
+    gw = StubGateway(BASE + "routes: [{name: r, service: svc, match: {path_prefix: /x}}]")
+    headers = H()
+    for value in sent:
+        headers.addRawHeader(b"X-Request-Id", value.encode())
+    r = gw.request("GET", "/x", headers=headers)
+    request_id = r.header("X-Request-Id")
+    assert (request_id == sent[0]) is kept
+    if not kept:
+        assert len(request_id) == 32 and int(request_id, 16) >= 0
+    assert r.upstream_header("X-Request-Id") == [request_id]
+    assert gw.contexts[-1].request_id == request_id
+    answer = gw.request("GET", "/nowhere", headers=headers)
+    assert answer.code == 404
+    assert answer.json()["request_id"] == answer.header("X-Request-Id")
+    assert (answer.header("X-Request-Id") == sent[0]) is kept
