@@ -15,7 +15,8 @@ A browser that reads slowly or not at all must not slow the proxy or grow
 memory: each L{EventStream} is a push producer of its connection, so
 Twisted tells it when the socket's buffer is full; from then on events
 wait in a queue bounded to C{client_buffer} bytes, and the oldest are
-dropped (and counted) to make room. The number of browsers is bounded too
+dropped (and counted) to make room. The socket's kernel send buffer is
+capped at about the same size. The number of browsers is bounded too
 (C{max_clients}; more get 503).
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from bisect import bisect_left
 from collections import deque
 from itertools import islice
@@ -403,8 +405,24 @@ class EventsResource(Resource):
             return b"too many dashboard clients\n"
         request.setHeader(b"Content-Type", b"text/event-stream")
         request.setHeader(b"X-Accel-Buffering", b"no")
+        _small_send_buffer(request, self._feed.client_buffer)
         stream.send(b"retry: 2000\n\n" + encode_event("hello", self._feed.hello()))
         return server.NOT_DONE_YET
+
+
+def _small_send_buffer(request: server.Request, size: int) -> None:
+    """
+    Cap the kernel's send buffer of an event stream's socket at about
+    C{size} bytes (Linux doubles it), instead of letting it grow to
+    megabytes: a stalled browser then holds little kernel memory, and its
+    stream's own bounded queue takes over sooner. Events are small, so a
+    browser that reads keeps up. Does nothing for transports without a
+    socket (TLS, tests).
+    """
+    try:
+        request.channel.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+    except (AttributeError, OSError):
+        pass
 
 
 class _StaticFile(Resource):

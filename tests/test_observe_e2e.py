@@ -253,8 +253,9 @@ def test_stalled_event_stream_stays_bounded(gateway):
     sent = 0
     deadline = time.monotonic() + 45
     try:
-        # Until the kernel's socket buffers and then the stream's queue are
-        # full (a few MB of events), bounded in time.
+        # Until the socket's buffers and then the stream's queue are full
+        # (about 100 KB of events: the gateway caps the socket's kernel
+        # send buffer), bounded in time.
         while time.monotonic() < deadline:
             results = yield gatherResults(
                 [
