@@ -1,0 +1,125 @@
+"""
+Tests for the bench harness's pure parts: wrk report parsing, ratios, the
+table.  Run with: python -m pytest bench/test_bench.py
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import pytest  # noqa: E402
+
+import run  # noqa: E402
+import wrkrun  # noqa: E402
+
+REPORT = """\
+Running 5s test @ http://127.0.0.1:41877/
+  1 threads and 64 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     9.37ms    2.01ms  22.73ms   80.00%
+    Req/Sec     6.57k   200.00     7.00k    70.00%
+  Latency Distribution
+     50%  598.00us
+     75%   10.00ms
+     90%   11.50ms
+     99%    1.01s
+  32670 requests in 5.00s, 8.10MB read
+  Socket errors: connect 0, read 2, write 0, timeout 3
+  Non-2xx or 3xx responses: 12
+Requests/sec:   6534.00
+Transfer/sec:      1.62MB
+"""
+
+
+def test_parse_full_report():
+    r = wrkrun.parse(REPORT)
+    assert r["rps"] == 6534.0
+    assert r["requests"] == 32670
+    assert r["seconds"] == 5.0
+    assert r["p50_ms"] == pytest.approx(0.598)
+    assert r["p99_ms"] == pytest.approx(1010.0)
+    assert r["bytes_per_s"] == pytest.approx(1.62 * 1024 * 1024)
+    assert r["socket_errors"] == {"connect": 0, "read": 2, "write": 0, "timeout": 3}
+    assert r["non_2xx"] == 12
+    assert r["errors"] == 17
+
+
+def test_parse_clean_report_has_no_errors():
+    clean = "\n".join(
+        line for line in REPORT.splitlines()
+        if "errors" not in line and "Non-2xx" not in line
+    )
+    r = wrkrun.parse(clean)
+    assert r["errors"] == 0
+
+
+def test_parse_rejects_garbage():
+    with pytest.raises(ValueError):
+        wrkrun.parse("unable to connect to 127.0.0.1:1 Connection refused")
+
+
+def _row(peer, rps, scenario="small", variant=None, **kw):
+    row = {
+        "peer": peer, "variant": variant, "label": run.LABELS[peer], "scenario": scenario,
+        "status": "ok", "rps": rps, "bytes_per_s": 1e6, "p50_ms": 1.0, "p99_ms": 2.0,
+        "errors": 0, "proxy_cpu_pct": 99.0, "proxy_core_busy_pct": 100.0,
+        "load_core_busy_pct": 50.0, "others_cpu_pct": 0.0,
+    }
+    row.update(kw)
+    return row
+
+
+def test_ratios_against_plain_gateway():
+    rows = [
+        _row("nginx", 100000),
+        _row("twisted", 5000),
+        _row("gateway", 10000, variant="filters"),
+        _row("gateway", 20000),
+        {"peer": "go", "variant": None, "label": "go", "scenario": "small",
+         "status": "skipped: no go"},
+    ]
+    base = run.add_ratios(rows)
+    assert base == {"small": "gateway"}
+    assert rows[0]["gw_ratio"] == pytest.approx(0.2)
+    assert rows[1]["gw_ratio"] == pytest.approx(4.0)
+    assert rows[2]["gw_ratio"] == pytest.approx(2.0)
+    assert "gw_ratio" not in rows[4]
+    lines, notes = run.table(rows, None)
+    assert any("0.20" in line and "nginx" in line for line in lines)
+    assert notes == ["go: skipped: no go"]
+    assert run.summary(rows, base) == [
+        "gateway/nginx (small): 0.20 of nginx's requests/s (gateway)"
+    ]
+
+
+def test_no_gateway_no_ratio():
+    rows = [
+        _row("nginx", 100000),
+        {"peer": "gateway", "variant": None, "label": "gateway", "scenario": "small",
+         "status": "not available: twistd lists no 'gateway' plugin yet"},
+    ]
+    assert run.add_ratios(rows) == {}
+    assert "gw_ratio" not in rows[0]
+    assert run.summary(rows, {}) == ["gateway/nginx (small): n/a (gateway: not available)"]
+
+
+def test_plan_puts_variants_after_gateway(tmp_path):
+    f = tmp_path / "on.yaml"
+    f.write_text("listen: tcp:${PORT}\n")
+    args = run.parse_args(
+        ["--peers", "nginx,gateway,twisted", "--gateway-config", f"filters={f}", "--no-pin"]
+    )
+    assert args.plan == [
+        ("nginx", None), ("gateway", None), ("gateway", "filters"), ("twisted", None)
+    ]
+    assert args.gateway_configs == {"filters": str(f)}
+
+
+def test_gateway_row_not_available_without_plugin():
+    ctx = run.Context(run.parse_args(["--no-pin"]), "/nonexistent", None, None)
+    ctx._gateway_help = "Commands:\n    conch   A Conch SSH service.\n    dns   DNS.\n"
+    with pytest.raises(run.Unavailable, match="not available"):
+        ctx.gateway_available()
+    ctx._gateway_help = "Commands:\n    gateway          HTTP API gateway.\n"
+    ctx.gateway_available()
