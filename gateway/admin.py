@@ -1,6 +1,7 @@
 """
-The admin listener's resources: C{/health}, C{/backends} (and, as they
-arrive, metrics, stats and the dashboard).
+The admin listener's resources: C{/health}, C{/backends}, and those request
+filters add (C{admin_children}): C{/metrics} (Prometheus), C{/stats} (JSON)
+and C{/dashboard/} from the observe filter (L{gateway.observe}), C{/cache}.
 
 The admin listener is separate from client traffic and binds to
 127.0.0.1 by default: nothing here is meant for the public.
@@ -13,6 +14,7 @@ import json
 from twisted.web import server
 from twisted.web.resource import Resource
 
+from gateway.metrics import stats
 from gateway.state import Gateway
 
 
@@ -54,6 +56,52 @@ class HealthResource(Resource):
                 "config_error": str(error) if error is not None else None,
             },
         )
+
+
+#: What C{generate_latest} writes: the classic text format, which every
+#: Prometheus server reads (newer clients label it 1.0.0).
+PROMETHEUS_TEXT = b"text/plain; version=0.0.4; charset=utf-8"
+
+
+class MetricsResource(Resource):
+    """
+    C{GET /metrics}: the gateway's own registry in the Prometheus text
+    format, rendered on the reactor thread (it takes well under a
+    millisecond for a config of a few dozen routes).
+    """
+
+    isLeaf = True
+
+    def __init__(self, gateway: Gateway) -> None:
+        super().__init__()
+        self._gateway = gateway
+
+    def render_GET(self, request: server.Request) -> bytes:
+        request.setHeader(b"Content-Type", PROMETHEUS_TEXT)
+        request.setHeader(b"Cache-Control", b"no-store")
+        return self._gateway.metrics.render()
+
+
+class StatsResource(Resource):
+    """
+    C{GET /stats}: JSON with per-route and per-backend counters, backend
+    health and circuit states, and the config in use
+    (L{gateway.metrics.stats}).
+
+    @param extra: returns more top-level keys (the observe filter's own
+        counters), or None.
+    """
+
+    isLeaf = True
+
+    def __init__(self, gateway: Gateway, extra=None) -> None:
+        super().__init__()
+        self._gateway = gateway
+        self._extra = extra
+
+    def render_GET(self, request: server.Request) -> bytes:
+        extra = self._extra() if self._extra is not None else None
+        return json_response(request, 200, stats(self._gateway.metrics, self._gateway, extra))
 
 
 class BackendsResource(Resource):

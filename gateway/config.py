@@ -377,6 +377,7 @@ FEATURE_MODULES: list[str] = [
     "gateway.drain",  # drain_timeout
     "gateway.tls",  # tls (listener), services.*.tls (HTTPS backends)
     "gateway.workers",  # workers
+    "gateway.observe",
 ]
 
 

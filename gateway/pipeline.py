@@ -7,8 +7,9 @@ factory, runs their C{on_request} in ascending C{order} before a request is
 forwarded, and their C{on_response} just before response headers go out.
 The documented order:
 
-    0 request ID (core)  10 access log  20 IP rules  30 CORS  40 auth
-    50 rate limit  60 cache  70 circuit breaker  80 rewrite  then forward
+    0 request ID (core)  5 trace context and access log  20 IP rules
+    30 CORS  40 auth  50 rate limit  60 cache  70 circuit breaker
+    80 rewrite  then forward
 
 (15 security headers has only C{on_response}.) C{on_response} runs in the
 same order, so a later filter has the last word on a response header.

@@ -313,3 +313,6 @@ class ConfigWatcher(Service):
     def _count(self, result: str) -> None:
         reloads = self.gateway.reloads
         reloads[result] = reloads.get(result, 0) + 1
+        metrics = getattr(self.gateway, "metrics", None)
+        if metrics is not None:  # gateway_config_reloads_total{result}
+            metrics.config_reloaded(result == "ok")

@@ -25,6 +25,7 @@ from gateway.breaker import CircuitBreaker
 from gateway.config import FEATURE_MODULES, Backend, Config, Service
 from gateway.forwarding import ServiceForwarder
 from gateway.health import ActiveHealthChecker, OutlierDetector, Probe, treq_probe
+from gateway.metrics import GatewayMetrics
 from gateway.pipeline import build_filters
 from gateway.retry import RetryBudget
 from gateway.routing import Router
@@ -311,6 +312,10 @@ class Gateway:
         #: Config reloads so far, by result (C{"ok"}, C{"error"}); counted
         #: by L{gateway.reload.ConfigWatcher}, exported as metrics.
         self.reloads: dict[str, int] = {"ok": 0, "error": 0}
+        #: The Prometheus metrics (L{gateway.metrics.GatewayMetrics});
+        #: config reload code reports with C{metrics.config_reloaded(ok)}.
+        self.metrics = GatewayMetrics(self)
+        self.request_observers.append(self.metrics.observe)
         self.snapshot: Snapshot = self._build(config, {})
         for module in FEATURE_MODULES:
             importlib.import_module(module)

@@ -5,6 +5,7 @@ Real processes for end-to-end tests: demo backends and twistd gateways on
 
 from __future__ import annotations
 
+import glob
 import http.client
 import json
 import os
@@ -61,8 +62,21 @@ class Process:
         self.log_path = log_path
 
     def log(self) -> str:
-        with open(self.log_path, errors="replace") as f:
-            return f.read()
+        """
+        The whole log, oldest first: twistd's log file rotates every 1 MB
+        (to C{.1}, C{.2}, ...; the highest is the oldest), which a busy
+        gateway's access events reach within seconds.
+        """
+        rotated = sorted(
+            (p for p in glob.glob(glob.escape(self.log_path) + ".*") if p.rsplit(".", 1)[1].isdigit()),
+            key=lambda p: int(p.rsplit(".", 1)[1]),
+            reverse=True,
+        )
+        text = []
+        for path in rotated + [self.log_path]:
+            with open(path, errors="replace") as f:
+                text.append(f.read())
+        return "".join(text)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> Optional[int]:
         if self.popen.poll() is None:

@@ -365,7 +365,10 @@ def test_a_filter_that_raises_gives_500_is_logged_and_the_gateway_keeps_serving(
         r = get(gateway.port, "/open/a", headers={"X-Test-Raise": mode, "X-Request-Id": rid})
         assert r.status == 500
         assert r.json() == {"error": "internal gateway error", "request_id": rid}
-        (event,) = wait_for(lambda: gateway.events_of(rid), what="the failure's log event")
+        # (The access-log event of the request carries its ID too.)
+        (event,) = wait_for(
+            lambda: [e for e in gateway.events_of(rid) if "log_failure" in e], what="the failure's log event"
+        )
         failure = event["log_failure"]
         assert failure["type"]["__name__"] == "RuntimeError"
         if mode == "request":  # a Deferred failed with fail() has no frames to show

@@ -1,0 +1,473 @@
+"""
+The live request feed and the dashboard that shows it: a static page
+(the files in C{gateway/dashboard/}) fed by server-sent events.
+
+L{RequestFeed} is a request observer. For each finished request it keeps a
+small row in a ring of the latest requests and adds to the current
+second's counts (requests, errors, rate limited, cached, a latency
+histogram). A timer then, every L{FLUSH_INTERVAL} seconds, sends the rows
+that arrived since the last flush to every connected browser
+(C{event: requests}), and every second a summary (C{event: tick}: request
+rate, p50 and p99 latency, counts, backend health and circuit states).
+Each event is serialised once, whatever the number of browsers.
+
+A browser that reads slowly or not at all must not slow the proxy or grow
+memory: each L{EventStream} is a push producer of its connection, so
+Twisted tells it when the socket's buffer is full; from then on events
+wait in a queue bounded to C{client_buffer} bytes, and the oldest are
+dropped (and counted) to make room. The socket's kernel send buffer is
+capped at about the same size. The number of browsers is bounded too
+(C{max_clients}; more get 503).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from bisect import bisect_left
+from collections import deque
+from itertools import islice
+from typing import Optional
+
+from twisted.application.internet import TimerService
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from twisted.web import server
+from twisted.web.resource import NoResource, Resource
+from zope.interface import implementer
+
+from gateway.metrics import backend_states
+
+_log = Logger()
+
+#: Seconds between two batches of request rows sent to browsers.
+FLUSH_INTERVAL = 0.25
+#: Flushes per summary tick (one tick a second).
+_FLUSHES_PER_TICK = 4
+
+#: Upper bounds (seconds) of the latency buckets used for percentiles:
+#: 0.1 ms to about 60 s, each 10% wider than the last (at most 10% error).
+LATENCY_BOUNDS = tuple(0.0001 * 1.1**i for i in range(141))
+
+#: C{context.cache} values of responses served from the cache.
+_CACHED = frozenset(["HIT", "STALE", "hit", "stale"])
+
+#: The longest path shown, in characters (longer ones are cut).
+MAX_PATH = 200
+
+_STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dashboard")
+_TYPES = {
+    ".html": b"text/html; charset=utf-8",
+    ".js": b"text/javascript; charset=utf-8",
+    ".css": b"text/css; charset=utf-8",
+    ".svg": b"image/svg+xml",
+}
+
+
+def percentile(counts: list, total: int, q: float) -> Optional[float]:
+    """
+    The C{q} quantile (0..1), in seconds, of C{total} samples counted in
+    L{LATENCY_BOUNDS} buckets (one more bucket for longer ones): the upper
+    bound of the bucket where it falls. None with no samples.
+    """
+    if total == 0:
+        return None
+    rank = q * total
+    seen = 0
+    for index, count in enumerate(counts):
+        seen += count
+        if seen >= rank and count:
+            return LATENCY_BOUNDS[index] if index < len(LATENCY_BOUNDS) else LATENCY_BOUNDS[-1]
+    return LATENCY_BOUNDS[-1]
+
+
+class _Window:
+    """The counts of the current second."""
+
+    __slots__ = ("requests", "errors", "rate_limited", "cached", "latency")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.errors = 0
+        self.rate_limited = 0
+        self.cached = 0
+        self.latency = [0] * (len(LATENCY_BOUNDS) + 1)
+
+
+class RequestFeed:
+    """
+    The latest requests and per-second summaries, pushed to browsers.
+
+    @param gateway: the L{gateway.state.Gateway} (for backend states).
+    @param clock: provides C{IReactorTime}.
+    @param recent: how many of the latest requests are kept (and shown to
+        a browser that connects).
+    @param history: how many one-second summaries are kept.
+    @param client_buffer: the most bytes queued for one browser that is
+        not reading.
+    @param max_clients: the most browsers connected at once.
+    """
+
+    def __init__(
+        self,
+        gateway,
+        clock,
+        recent: int = 100,
+        history: int = 300,
+        client_buffer: int = 256 * 1024,
+        max_clients: int = 16,
+    ) -> None:
+        self._gateway = gateway
+        self._clock = clock
+        self.recent: deque = deque(maxlen=recent)
+        self.series: deque = deque(maxlen=history)
+        self.client_buffer = client_buffer
+        self.max_clients = max_clients
+        self.clients: set = set()
+        self._window = _Window()
+        self._seen = 0
+        self._sent = 0
+        self._flushes = 0
+        self._last_tick = clock.seconds()
+        self.totals = {"requests": 0, "errors": 0, "rate_limited": 0, "cached": 0}
+        #: Events dropped for browsers that did not keep up, in total.
+        self.dropped = 0
+        #: Sends the batches and ticks while running; on stop, ends every
+        #: browser's stream.
+        self.service = _FeedService(self)
+
+    # -- the hot path ------------------------------------------------------
+
+    def observe(self, context) -> None:
+        """Record one finished request (a L{gateway.proxy.RequestContext})."""
+        route = context.route
+        backend = context.backend
+        duration = context.ended - context.started
+        status = context.status
+        self.recent.append(
+            (
+                context.ended,
+                context.request_id,
+                context.method,
+                context.path,
+                route.name if route is not None else None,
+                backend.url if backend is not None else None,
+                status,
+                duration,
+                context.cache,
+            )
+        )
+        self._seen += 1
+        window = self._window
+        window.requests += 1
+        window.latency[bisect_left(LATENCY_BOUNDS, duration)] += 1
+        if status >= 500:
+            window.errors += 1
+        if context.notes.get("rate_limited") or (status == 429 and backend is None):
+            window.rate_limited += 1
+        if context.cache in _CACHED:
+            window.cached += 1
+
+    # -- timers ------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Send new rows; every fourth call, close the second and send a tick."""
+        try:
+            new = self._seen - self._sent
+            self._sent = self._seen
+            if new and self.clients:
+                rows = list(islice(reversed(self.recent), min(new, len(self.recent))))
+                rows.reverse()
+                self.broadcast("requests", [_row(r) for r in rows])
+            self._flushes += 1
+            if self._flushes >= _FLUSHES_PER_TICK:
+                self._flushes = 0
+                self.tick()
+        except Exception:
+            _log.failure("dashboard feed flush failed")
+
+    def tick(self) -> dict:
+        """Close the current second's window into a summary point and send it."""
+        now = self._clock.seconds()
+        elapsed = max(now - self._last_tick, 1e-3)
+        self._last_tick = now
+        window, self._window = self._window, _Window()
+        p50 = percentile(window.latency, window.requests, 0.5)
+        p99 = percentile(window.latency, window.requests, 0.99)
+        totals = self.totals
+        totals["requests"] += window.requests
+        totals["errors"] += window.errors
+        totals["rate_limited"] += window.rate_limited
+        totals["cached"] += window.cached
+        point = {
+            "t": round(now, 3),
+            "rps": round(window.requests / elapsed, 2),
+            "p50_ms": round(p50 * 1000, 3) if p50 is not None else None,
+            "p99_ms": round(p99 * 1000, 3) if p99 is not None else None,
+            "requests": window.requests,
+            "errors": window.errors,
+            "rate_limited": window.rate_limited,
+            "cached": window.cached,
+        }
+        self.series.append(point)
+        if self.clients:
+            self.broadcast(
+                "tick",
+                {
+                    "point": point,
+                    "totals": totals,
+                    "backends": _backends(self._gateway),
+                    "dropped": self.dropped,
+                    "clients": len(self.clients),
+                },
+            )
+        return point
+
+    # -- browsers ----------------------------------------------------------
+
+    def hello(self) -> dict:
+        """What a browser gets on connecting: the recent rows and history."""
+        return {
+            "requests": [_row(r) for r in self.recent],
+            "series": list(self.series),
+            "totals": self.totals,
+            "backends": _backends(self._gateway),
+            "dropped": self.dropped,
+            "interval": FLUSH_INTERVAL,
+        }
+
+    def broadcast(self, event: str, payload) -> None:
+        """Send one event, serialised once, to every connected browser."""
+        data = encode_event(event, payload)
+        for client in list(self.clients):
+            client.send(data)
+
+    def subscribe(self, request: server.Request) -> Optional["EventStream"]:
+        """
+        Start an event stream on C{request}.
+
+        @return: the L{EventStream}, or None when C{max_clients} are
+            already connected.
+        """
+        if len(self.clients) >= self.max_clients:
+            return None
+        stream = EventStream(request, self, self.client_buffer)
+        self.clients.add(stream)
+        return stream
+
+    def unsubscribe(self, stream: "EventStream") -> None:
+        self.clients.discard(stream)
+
+
+class _FeedService(TimerService):
+    def __init__(self, feed: RequestFeed) -> None:
+        super().__init__(FLUSH_INTERVAL, feed.flush)
+        self.clock = feed._clock
+        self.feed = feed
+        self.setName("dashboard-feed")
+
+    def stopService(self):
+        for client in list(self.feed.clients):
+            client.close()
+        return super().stopService()
+
+
+def _row(row: tuple) -> dict:
+    ended, request_id, method, path, route, backend, status, duration, cache = row
+    text = path.decode("utf-8", "replace")
+    if len(text) > MAX_PATH:
+        text = text[:MAX_PATH] + "\u2026"
+    return {
+        "t": round(ended, 3),
+        "id": request_id,
+        "method": method.decode("ascii", "replace"),
+        "path": text,
+        "route": route,
+        "backend": backend,
+        "status": status,
+        "ms": round(duration * 1000, 3),
+        "cache": cache,
+    }
+
+
+def _backends(gateway) -> list:
+    try:
+        return [
+            {
+                "service": s["service"],
+                "backend": s["backend"],
+                "healthy": bool(s.get("healthy", True)) and not s.get("ejected", False),
+                "circuit": s.get("circuit", "closed"),
+                "active": s.get("active", 0),
+            }
+            for s in backend_states(gateway)
+        ]
+    except Exception:
+        _log.failure("reading backend states failed")
+        return []
+
+
+def encode_event(event: str, payload) -> bytes:
+    """One server-sent event: C{event:} and one C{data:} line of JSON."""
+    return b"event: %s\ndata: %s\n\n" % (
+        event.encode("ascii"),
+        json.dumps(payload, separators=(",", ":")).encode("utf-8"),
+    )
+
+
+@implementer(IPushProducer)
+class EventStream:
+    """
+    One browser's event stream, and the push producer of its connection.
+
+    Writes go straight to the connection while it keeps up. Once Twisted
+    pauses this producer (the socket's buffer is full), events wait in a
+    queue of at most C{limit} bytes; the oldest are dropped to make room,
+    and counted in C{dropped} (and the feed's). On resume the queue is
+    written until the connection pauses again.
+    """
+
+    def __init__(self, request: server.Request, feed: RequestFeed, limit: int) -> None:
+        self.request = request
+        self.feed = feed
+        self.limit = limit
+        self.paused = False
+        self.queue: deque = deque()
+        self.queued = 0
+        self.dropped = 0
+        self.closed = False
+        request.registerProducer(self, True)
+        request.notifyFinish().addBoth(self._gone)
+
+    def send(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if not self.paused and not self.queue:
+            self.request.write(data)
+            return
+        if len(data) > self.limit:
+            self._drop(1)
+            return
+        self.queue.append(data)
+        self.queued += len(data)
+        while self.queued > self.limit:
+            self.queued -= len(self.queue.popleft())
+            self._drop(1)
+
+    def _drop(self, n: int) -> None:
+        self.dropped += n
+        self.feed.dropped += n
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        while self.queue and not self.paused and not self.closed:
+            data = self.queue.popleft()
+            self.queued -= len(data)
+            self.request.write(data)
+
+    def stopProducing(self) -> None:
+        self._gone(None)
+
+    def close(self) -> None:
+        """End the stream (at shutdown)."""
+        if not self.closed:
+            self._gone(None)
+            self.request.unregisterProducer()
+            self.request.finish()
+
+    def _gone(self, _) -> None:
+        self.closed = True
+        self.queue.clear()
+        self.queued = 0
+        self.feed.unsubscribe(self)
+
+
+class EventsResource(Resource):
+    """C{GET /dashboard/events}: the feed as C{text/event-stream}."""
+
+    isLeaf = True
+
+    def __init__(self, feed: RequestFeed) -> None:
+        super().__init__()
+        self._feed = feed
+
+    def render_GET(self, request: server.Request):
+        request.setHeader(b"Cache-Control", b"no-store")
+        stream = self._feed.subscribe(request)
+        if stream is None:
+            request.setResponseCode(503)
+            request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+            request.setHeader(b"Retry-After", b"5")
+            return b"too many dashboard clients\n"
+        request.setHeader(b"Content-Type", b"text/event-stream")
+        request.setHeader(b"X-Accel-Buffering", b"no")
+        _small_send_buffer(request, self._feed.client_buffer)
+        stream.send(b"retry: 2000\n\n" + encode_event("hello", self._feed.hello()))
+        return server.NOT_DONE_YET
+
+
+def _small_send_buffer(request: server.Request, size: int) -> None:
+    """
+    Cap the kernel's send buffer of an event stream's socket at about
+    C{size} bytes (Linux doubles it), instead of letting it grow to
+    megabytes: a stalled browser then holds little kernel memory, and its
+    stream's own bounded queue takes over sooner. Events are small, so a
+    browser that reads keeps up. Does nothing for transports without a
+    socket (TLS, tests).
+    """
+    try:
+        request.channel.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+    except (AttributeError, OSError):
+        pass
+
+
+class _StaticFile(Resource):
+    isLeaf = True
+
+    def __init__(self, body: bytes, content_type: bytes) -> None:
+        super().__init__()
+        self._body = body
+        self._type = content_type
+
+    def render_GET(self, request: server.Request) -> bytes:
+        request.setHeader(b"Content-Type", self._type)
+        request.setHeader(b"Cache-Control", b"no-cache")
+        request.setHeader(b"X-Content-Type-Options", b"nosniff")
+        request.setHeader(
+            b"Content-Security-Policy",
+            b"default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+        )
+        return self._body
+
+
+class DashboardResource(Resource):
+    """
+    C{/dashboard/}: the page and its assets, read once from the package
+    at start-up, and C{/dashboard/events}.
+    """
+
+    def __init__(self, feed: RequestFeed, static_dir: str = _STATIC) -> None:
+        super().__init__()
+        for name in sorted(os.listdir(static_dir)):
+            extension = os.path.splitext(name)[1]
+            if extension not in _TYPES:
+                continue
+            with open(os.path.join(static_dir, name), "rb") as f:
+                body = f.read()
+            child = _StaticFile(body, _TYPES[extension])
+            self.putChild(name.encode("utf-8"), child)
+            if name == "index.html":
+                self.putChild(b"", child)
+        self.putChild(b"events", EventsResource(feed))
+
+    def getChild(self, path: bytes, request: server.Request):
+        return NoResource()
+
+    def render_GET(self, request: server.Request) -> bytes:
+        # /dashboard without the slash: the page's relative URLs need it.
+        request.redirect(b"dashboard/")
+        return b""

@@ -1,0 +1,357 @@
+"""
+Observability wiring: the C{observability:} config section, and the
+C{observe} request filter that ties the access log (L{gateway.accesslog}),
+the dashboard feed (L{gateway.feed}), trace context
+(L{gateway.tracing}) and metrics (L{gateway.metrics}) to the gateway.
+
+The filter runs first (order 5). For each routed request it continues or
+starts the W3C trace and asks the forwarder to send the backend a
+C{traceparent} naming the gateway's span; it registers the access log,
+the dashboard feed and the optional OTLP exporter as request observers;
+its C{service} runs their timers and threads.
+
+The config section, all keys optional::
+
+    observability:
+      access_log:
+        enabled: true          # the structured event per request
+        file: /var/log/txgateway/access.log   # combined log format; none by default
+        flush_interval: 1s     # the file is written in batches, from a thread
+        max_buffer: 8MiB       # lines waiting for the disk beyond this are dropped
+        redact_query: [session_id]   # more query parameters to redact
+      dashboard:
+        enabled: true
+        recent: 100            # latest requests kept and shown
+        history: 300           # one-second points kept (5 minutes)
+        client_buffer: 256KiB  # per browser, then the oldest events are dropped
+        max_clients: 16
+      tracing:
+        enabled: true          # false: traceparent passes through untouched
+        sample_new: true       # traces started here are flagged sampled
+        otlp:                  # needs the opentelemetry extra
+          endpoint: http://127.0.0.1:4318/v1/traces
+          service_name: txgateway
+          headers: {authorization: "Bearer ..."}
+          timeout: 10s
+
+A reload applies C{access_log.enabled}, C{access_log.redact_query},
+C{tracing.enabled} and C{tracing.sample_new}; the other keys take effect at
+the next start.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import attrs
+from twisted.application.service import MultiService
+from twisted.logger import Logger
+
+from gateway.accesslog import SENSITIVE_QUERY_PARAMETERS, AccessLog, CombinedLogFile
+from gateway.config import (
+    Extension,
+    ParseContext,
+    Section,
+    Where,
+    boolean,
+    integer,
+    mapping_items,
+    positive_duration,
+    register,
+    size,
+    string,
+    string_list,
+)
+from gateway.feed import DashboardResource, RequestFeed
+from gateway.pipeline import register_filter
+from gateway.tracing import TRACESTATE, OtlpExporter, continue_or_start, otlp_available, upstream_trace_headers
+
+_log = Logger()
+
+
+@attrs.frozen
+class AccessLogSettings:
+    """
+    @ivar enabled: emit the structured access event of each request.
+    @ivar file: the combined-log-format file, or None for none.
+    @ivar flush_interval: seconds between writes of the file.
+    @ivar max_buffer: bytes held for the file before lines are dropped.
+    @ivar redact_query: query parameter names (lower case) whose values
+        are redacted, including the defaults.
+    """
+
+    enabled: bool = True
+    file: Optional[str] = None
+    flush_interval: float = 1.0
+    max_buffer: int = 8 << 20
+    redact_query: frozenset = SENSITIVE_QUERY_PARAMETERS
+
+
+@attrs.frozen
+class DashboardSettings:
+    enabled: bool = True
+    recent: int = 100
+    history: int = 300
+    client_buffer: int = 256 * 1024
+    max_clients: int = 16
+
+
+@attrs.frozen
+class OtlpSettings:
+    endpoint: str
+    service_name: str = "txgateway"
+    headers: tuple = ()
+    timeout: float = 10.0
+
+
+@attrs.frozen
+class TracingSettings:
+    enabled: bool = True
+    sample_new: bool = True
+    otlp: Optional[OtlpSettings] = None
+
+
+@attrs.frozen
+class Observability:
+    access_log: AccessLogSettings = AccessLogSettings()
+    dashboard: DashboardSettings = DashboardSettings()
+    tracing: TracingSettings = TracingSettings()
+
+
+def _access_log(where: Where, value: Any) -> AccessLogSettings:
+    section = Section(where, value)
+    extra = section.take("redact_query", string_list, ())
+    settings = AccessLogSettings(
+        enabled=section.take("enabled", boolean, True),
+        file=section.take("file", string, None),
+        flush_interval=section.take("flush_interval", positive_duration, 1.0),
+        max_buffer=section.take("max_buffer", size, 8 << 20),
+        redact_query=SENSITIVE_QUERY_PARAMETERS | {name.lower() for name in extra},
+    )
+    section.finish()
+    return settings
+
+
+def _dashboard(where: Where, value: Any) -> DashboardSettings:
+    section = Section(where, value)
+    settings = DashboardSettings(
+        enabled=section.take("enabled", boolean, True),
+        recent=section.take("recent", integer(1, 10000), 100),
+        history=section.take("history", integer(10, 86400), 300),
+        client_buffer=section.take("client_buffer", size, 256 * 1024),
+        max_clients=section.take("max_clients", integer(1, 1000), 16),
+    )
+    section.finish()
+    if settings.client_buffer < 4096:
+        raise where.child("client_buffer", where.line).error("must be at least 4096 bytes")
+    return settings
+
+
+def _otlp(where: Where, value: Any) -> OtlpSettings:
+    section = Section(where, value)
+    endpoint_where = section.at("endpoint")
+    endpoint = section.take("endpoint", string)
+    if not endpoint.startswith(("http://", "https://")):
+        raise endpoint_where.error("expected an http:// or https:// URL")
+    headers = section.take(
+        "headers",
+        lambda w, v: tuple((str(k), string(iw, val)) for iw, k, val in mapping_items(w, v)),
+        (),
+    )
+    settings = OtlpSettings(
+        endpoint=endpoint,
+        service_name=section.take("service_name", string, "txgateway"),
+        headers=headers,
+        timeout=section.take("timeout", positive_duration, 10.0),
+    )
+    section.finish()
+    return settings
+
+
+def _tracing(where: Where, value: Any) -> TracingSettings:
+    section = Section(where, value)
+    settings = TracingSettings(
+        enabled=section.take("enabled", boolean, True),
+        sample_new=section.take("sample_new", boolean, True),
+        otlp=section.take("otlp", _otlp, None),
+    )
+    section.finish()
+    return settings
+
+
+def parse_observability(where: Where, value: Any, context: ParseContext) -> Observability:
+    """The C{observability:} section. @raise ConfigError: it is invalid."""
+    section = Section(where, value)
+    result = Observability(
+        access_log=section.take("access_log", _access_log, AccessLogSettings()),
+        dashboard=section.take("dashboard", _dashboard, DashboardSettings()),
+        tracing=section.take("tracing", _tracing, TracingSettings()),
+    )
+    section.finish()
+    return result
+
+
+register("top", Extension("observability", parse_observability, Observability()))
+
+
+def settings_of(config) -> Observability:
+    """The observability settings of a L{gateway.config.Config}."""
+    return config.options.get("observability") or Observability()
+
+
+def redacted_query_names(config) -> frozenset:
+    """
+    The query parameter names whose values the access log redacts: the
+    defaults, C{access_log.redact_query}, and every query argument a
+    route's auth takes an API key from (C{auth.api_key.query}), which a
+    refused request still carries.
+    """
+    names = set(settings_of(config).access_log.redact_query)
+    for route in config.routes:
+        query = getattr(route.options.get("auth"), "api_key_query", None)
+        if query:
+            names.add(query.decode("utf-8", "replace").lower())
+    return frozenset(names)
+
+
+class ObserveFilter:
+    """
+    The C{observe} request filter (order 5): trace context on the way in,
+    and the owner of the access log, dashboard feed and OTLP exporter.
+
+    @param gateway: the L{gateway.state.Gateway}; its C{metrics} and
+        C{request_observers} are used.
+    @ivar feed: the L{RequestFeed}, or None when the dashboard is off.
+    @ivar access_log: the L{AccessLog}.
+    @ivar exporter: the L{OtlpExporter}, or None.
+    @ivar service: the timers and threads of all of these.
+    @ivar admin_children: the admin resources, by path segment.
+    """
+
+    name = "observe"
+
+    def __init__(self, gateway) -> None:
+        self._gateway = gateway
+        settings = self.settings = settings_of(gateway.snapshot.config)
+        reactor = gateway.reactor
+        self.service = MultiService()
+        self.service.setName("observability")
+
+        combined = None
+        if settings.access_log.file is not None:
+            combined = CombinedLogFile(
+                settings.access_log.file,
+                reactor,
+                settings.access_log.flush_interval,
+                settings.access_log.max_buffer,
+            )
+            combined.setServiceParent(self.service)
+        self.access_log = AccessLog(
+            combined, redacted_query_names(gateway.snapshot.config), settings.access_log.enabled
+        )
+        gateway.request_observers.append(self.access_log)
+
+        self.feed: Optional[RequestFeed] = None
+        if settings.dashboard.enabled:
+            d = settings.dashboard
+            self.feed = RequestFeed(gateway, reactor, d.recent, d.history, d.client_buffer, d.max_clients)
+            self.feed.service.setServiceParent(self.service)
+            gateway.request_observers.append(self.feed.observe)
+
+        self.exporter: Optional[OtlpExporter] = None
+        otlp = settings.tracing.otlp
+        if settings.tracing.enabled and otlp is not None:
+            if otlp_available():
+                self.exporter = OtlpExporter(
+                    otlp.endpoint, otlp.service_name, dict(otlp.headers), otlp.timeout
+                )
+                self.exporter.setServiceParent(self.service)
+                gateway.request_observers.append(self.exporter.observe)
+            else:
+                _log.warn(
+                    "observability.tracing.otlp is configured but the opentelemetry extra is "
+                    "not installed (pip install 'txgateway[opentelemetry]'): no spans are exported"
+                )
+        from gateway.admin import MetricsResource, StatsResource
+
+        #: Put on the admin listener: C{/metrics}, C{/stats} and (with the
+        #: dashboard on) C{/dashboard/}.
+        self.admin_children = {
+            b"metrics": MetricsResource(gateway),
+            b"stats": StatsResource(gateway, self.stats),
+        }
+        if self.feed is not None:
+            self.admin_children[b"dashboard"] = DashboardResource(self.feed)
+        self._want_client_line = combined is not None
+        self._tracing = settings.tracing
+        metrics = getattr(gateway, "metrics", None)
+        if metrics is not None:
+            metrics.prepare(gateway.snapshot.config, reactor.seconds())
+
+    def on_request(self, request, context) -> None:
+        if self._want_client_line:
+            headers = request.requestHeaders
+            referer = headers.getRawHeaders(b"referer")
+            agent = headers.getRawHeaders(b"user-agent")
+            context.notes["client"] = (
+                request.clientproto,
+                referer[0] if referer else None,
+                agent[0] if agent else None,
+            )
+        tracing = self._tracing
+        if not tracing.enabled:
+            return None
+        headers = request.requestHeaders
+        tracestate = headers.getRawHeaders(TRACESTATE)
+        trace = continue_or_start(headers.getRawHeaders(b"traceparent"), tracestate, tracing.sample_new)
+        context.notes["trace"] = trace
+        context.upstream_headers.extend(upstream_trace_headers(trace))
+        if trace.tracestate is None and tracestate is not None:
+            context.upstream_remove.add(TRACESTATE)
+        return None
+
+    def stats(self) -> dict:
+        """Counters of the observability machinery itself, for C{/stats}."""
+        combined = self.access_log.combined
+        result = {
+            "access_log": {
+                "file": combined.path if combined is not None else None,
+                "written": combined.written if combined is not None else 0,
+                "dropped": combined.dropped if combined is not None else 0,
+            },
+        }
+        if self.feed is not None:
+            result["dashboard"] = {
+                "clients": len(self.feed.clients),
+                "dropped_events": self.feed.dropped,
+                "client_buffer": self.feed.client_buffer,
+                "streams": [
+                    {"paused": c.paused, "queued_bytes": c.queued, "dropped_events": c.dropped}
+                    for c in self.feed.clients
+                ],
+                "totals": dict(self.feed.totals),
+            }
+        if self.exporter is not None:
+            result["otlp"] = {"spans": self.exporter.exported}
+        return result
+
+    def reconfigure(self, snapshot) -> None:
+        """After a reload: new access-log settings, metrics series of the new config."""
+        new = settings_of(snapshot.config)
+        self.access_log.enabled = new.access_log.enabled
+        self.access_log.sensitive = redacted_query_names(snapshot.config)
+        self._tracing = new.tracing
+        metrics = getattr(self._gateway, "metrics", None)
+        if metrics is not None:
+            metrics.prepare(snapshot.config, self._gateway.reactor.seconds())
+
+
+register_filter(5, "observe", ObserveFilter)
+
+
+def find(gateway) -> Optional[ObserveFilter]:
+    """The gateway's L{ObserveFilter}, or None."""
+    for f in gateway.filters:
+        if isinstance(f, ObserveFilter):
+            return f
+    return None

@@ -1,0 +1,168 @@
+"""Tests for gateway.accesslog: fields, redaction, the combined-log file."""
+
+import json
+import os
+
+import pytest
+import pytest_twisted
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel, eventAsJSON, formatEvent
+
+from gateway.accesslog import (
+    ACCESS_FIELDS,
+    AccessLog,
+    CombinedLogFile,
+    access_fields,
+    combined_line,
+    redact_headers,
+    redact_query,
+)
+from gateway.tracing import continue_or_start
+from tests.contexts import config, finished
+
+
+class Recorder:
+    """A stand-in for a Logger: keeps what was emitted."""
+
+    def __init__(self):
+        self.events = []
+
+    def info(self, format, **fields):
+        event = dict(fields, log_format=format, log_level=LogLevel.info, log_namespace="gateway.access")
+        self.events.append(event)
+
+
+def test_fields_of_a_request():
+    c = config()
+    context = finished(c, started=1714564800.25, duration=0.0125, upstream=0.010)
+    context.consumer = "alice"
+    context.bytes_in = 5
+    context.retries = 1
+    context.cache = "MISS"
+    context.query = b"?page=2"
+    trace = continue_or_start(None, None)
+    context.notes["trace"] = trace
+    fields = access_fields(context)
+    assert tuple(fields) == ACCESS_FIELDS
+    assert fields == {
+        "time": "2024-05-01T12:00:00.250Z",
+        "request_id": "req-1",
+        "trace_id": trace.trace_id,
+        "client_ip": "192.0.2.1",
+        "consumer": "alice",
+        "method": "GET",
+        "path": "/users/7?page=2",
+        "route": "users-api",
+        "service": "users",
+        "backend": "http://127.0.0.1:9001",
+        "status": 200,
+        "bytes_in": 5,
+        "bytes_out": 123,
+        "duration_ms": 12.5,
+        "upstream_duration_ms": 10.0,
+        "cache": "MISS",
+        "retries": 1,
+        "error": None,
+    }
+    json.dumps(fields)  # plain values only
+
+
+def test_fields_of_an_unrouted_request():
+    fields = access_fields(finished(config(), route=None, status=404))
+    assert fields["route"] is fields["backend"] is fields["service"] is fields["trace_id"] is None
+    assert fields["upstream_duration_ms"] is None and fields["status"] == 404
+
+
+def test_query_secrets_redacted():
+    assert redact_query(b"") == b""
+    assert redact_query(b"?a=1&b=2") == b"?a=1&b=2"
+    assert redact_query(b"?api_key=s3cr3t&a=1&TOKEN=x&Access%5Ftoken=y&password") == (
+        b"?api_key=REDACTED&a=1&TOKEN=REDACTED&Access%5Ftoken=REDACTED&password"
+    )
+    assert redact_query(b"?session_id=1", frozenset(["session_id"])) == b"?session_id=REDACTED"
+    c = config()
+    context = finished(c)
+    context.query = b"?key=abc&q=shoes"
+    assert access_fields(context)["path"] == "/users/7?key=REDACTED&q=shoes"
+    assert b"abc" not in combined_line(context)
+
+
+def test_header_secrets_redacted():
+    pairs = [
+        (b"Authorization", b"Bearer eyJ"),
+        (b"Cookie", b"sid=1"),
+        (b"X-Api-Key", b"k"),
+        (b"Proxy-Authorization", b"Basic eA=="),
+        (b"Set-Cookie", b"a=b"),
+        (b"Accept", b"*/*"),
+        (b"X-Custom-Secret", b"s"),
+    ]
+    redacted = dict(redact_headers(pairs, [b"x-custom-secret"]))
+    assert redacted[b"Accept"] == b"*/*"
+    for name in (b"Authorization", b"Cookie", b"X-Api-Key", b"Proxy-Authorization", b"Set-Cookie", b"X-Custom-Secret"):
+        assert redacted[name] == b"REDACTED"
+
+
+def test_event_is_fields_not_a_string():
+    recorder = Recorder()
+    log = AccessLog(logger=recorder)
+    log(finished(config()))
+    (event,) = recorder.events
+    for name in ACCESS_FIELDS:
+        assert name in event
+    assert event["status"] == 200 and event["route"] == "users-api"
+    text = formatEvent(event)
+    assert text == '"GET /users/7" 200 12.0ms req-1'
+    decoded = json.loads(eventAsJSON(event))
+    assert decoded["duration_ms"] == 12.0 and decoded["request_id"] == "req-1"
+
+
+def test_disabled_event():
+    recorder = Recorder()
+    AccessLog(logger=recorder, enabled=False)(finished(config()))
+    assert recorder.events == []
+
+
+def test_combined_line():
+    c = config()
+    context = finished(c, started=1714564800.9, method=b"POST", status=201)
+    context.query = b"?q=1"
+    context.consumer = "alice smith"
+    context.notes["client"] = (b"HTTP/1.0", b"http://ref.example/", b'curl/8 "quoted"\x01')
+    assert combined_line(context) == (
+        b'192.0.2.1 - alice_smith [01/May/2024:12:00:00 +0000] "POST /users/7?q=1 HTTP/1.0" 201 123 '
+        b'"http://ref.example/" "curl/8 \\x22quoted\\x22\\x01"\n'
+    )
+    plain = finished(c, route=None, status=404)
+    plain.bytes_out = 0
+    assert combined_line(plain).endswith(b'"GET /users/7 HTTP/1.1" 404 - "-" "-"\n')
+
+
+@pytest_twisted.inlineCallbacks
+def test_combined_file_written_from_a_thread(tmp_path):
+    from twisted.internet import reactor
+
+    path = str(tmp_path / "access.log")
+    f = CombinedLogFile(path, reactor, flush_interval=0.05)
+    f.startService()
+    try:
+        f.write(b"one\n")
+        f.write(b"two\n")
+        assert not os.path.exists(path)  # nothing written on the reactor thread
+        yield f.flush()
+        assert open(path, "rb").read() == b"one\ntwo\n"
+        os.rename(path, path + ".1")  # rotated away: the next batch makes a new file
+        f.write(b"three\n")
+    finally:
+        yield f.stopService()
+    assert open(path, "rb").read() == b"three\n"
+    assert f.written == 3 and f.dropped == 0
+    assert not reactor.getDelayedCalls()
+
+
+def test_combined_file_buffer_is_bounded():
+    f = CombinedLogFile("/nonexistent/never-written", Clock(), max_buffer=100)
+    for _ in range(30):
+        f.write(b"0123456789\n")
+    assert f._buffered <= 100
+    assert f.dropped == 30 - 9

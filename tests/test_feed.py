@@ -1,0 +1,192 @@
+"""Tests for gateway.feed: the dashboard's request feed and event streams."""
+
+import json
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+
+from gateway.feed import FLUSH_INTERVAL, LATENCY_BOUNDS, EventStream, RequestFeed, encode_event, percentile
+from gateway.state import Gateway
+from tests.contexts import config, finished
+
+
+class FakeRequest:
+    """Just what an L{EventStream} uses of a request."""
+
+    def __init__(self):
+        self.written = []
+        self.producer = None
+        self.finished = False
+        self._finish = Deferred()
+
+    def registerProducer(self, producer, streaming):
+        assert streaming
+        self.producer = producer
+
+    def unregisterProducer(self):
+        self.producer = None
+
+    def write(self, data):
+        self.written.append(data)
+
+    def finish(self):
+        self.finished = True
+
+    def notifyFinish(self):
+        return self._finish
+
+    def events(self):
+        out = []
+        for chunk in self.written:
+            for block in chunk.split(b"\n\n"):
+                lines = dict(line.split(b": ", 1) for line in block.split(b"\n") if b": " in line)
+                if b"event" in lines:
+                    out.append((lines[b"event"].decode(), json.loads(lines[b"data"])))
+        return out
+
+
+def make_feed(**kwargs):
+    clock = Clock()
+    clock.advance(1000)
+    gateway = Gateway(clock, config())
+    return clock, gateway, RequestFeed(gateway, clock, **kwargs)
+
+
+def test_percentile_estimate():
+    counts = [0] * (len(LATENCY_BOUNDS) + 1)
+    assert percentile(counts, 0, 0.5) is None
+    from bisect import bisect_left
+
+    for ms in range(1, 101):
+        counts[bisect_left(LATENCY_BOUNDS, ms / 1000)] += 1
+    p50 = percentile(counts, 100, 0.5)
+    p99 = percentile(counts, 100, 0.99)
+    assert 0.050 <= p50 <= 0.050 * 1.1
+    assert 0.099 <= p99 <= 0.099 * 1.1
+
+
+def test_rows_batched_to_clients_within_a_flush():
+    clock, gateway, feed = make_feed()
+    request = FakeRequest()
+    stream = feed.subscribe(request)
+    assert request.producer is stream
+    c = gateway.snapshot.config
+    for i in range(3):
+        feed.observe(finished(c, request_id=f"r{i}", path=b"/users/%d" % i))
+    assert request.written == []  # nothing on the request path
+    feed.flush()
+    ((event, rows),) = request.events()
+    assert event == "requests"
+    assert [r["id"] for r in rows] == ["r0", "r1", "r2"]
+    assert rows[0] == {
+        "t": 1000.012, "id": "r0", "method": "GET", "path": "/users/0", "route": "users-api",
+        "backend": "http://127.0.0.1:9001", "status": 200, "ms": 12.0, "cache": None,
+    }
+    feed.flush()
+    assert len(request.events()) == 1  # nothing new, nothing sent
+
+
+def test_tick_summarises_each_second():
+    clock, gateway, feed = make_feed()
+    request = FakeRequest()
+    feed.subscribe(request)
+    c = gateway.snapshot.config
+    for i in range(98):
+        feed.observe(finished(c, duration=0.010))
+    feed.observe(finished(c, duration=2.0, status=502))
+    feed.observe(finished(c, backend=None, status=429, cache="HIT"))
+    clock.advance(1)
+    for _ in range(4):
+        feed.flush()
+    ticks = [payload for event, payload in request.events() if event == "tick"]
+    (tick,) = ticks
+    point = tick["point"]
+    assert point["requests"] == 100 and point["rps"] == 100.0
+    assert point["errors"] == 1 and point["rate_limited"] == 1 and point["cached"] == 1
+    assert 10 <= point["p50_ms"] <= 11 and point["p99_ms"] >= 10
+    assert tick["totals"]["requests"] == 100
+    assert {b["backend"] for b in tick["backends"]} == {
+        "http://127.0.0.1:9001", "http://127.0.0.1:9002", "http://127.0.0.1:9003",
+    }
+    assert all(b["healthy"] and b["circuit"] == "closed" for b in tick["backends"])
+    assert list(feed.series) == [point]
+
+
+def test_recent_rows_bounded_and_in_hello():
+    clock, gateway, feed = make_feed(recent=5)
+    c = gateway.snapshot.config
+    for i in range(50):
+        feed.observe(finished(c, request_id=f"r{i}"))
+    hello = feed.hello()
+    assert [r["id"] for r in hello["requests"]] == [f"r{i}" for i in range(45, 50)]
+    request = FakeRequest()
+    feed.subscribe(request)
+    feed.flush()  # 50 new rows, only the 5 kept are sent
+    ((_, rows),) = request.events()
+    assert len(rows) == 5
+
+
+def test_paused_client_queue_is_bounded_and_drops_oldest():
+    clock, gateway, feed = make_feed(client_buffer=4096)
+    request = FakeRequest()
+    stream = feed.subscribe(request)
+    stream.pauseProducing()
+    events = [encode_event("requests", [{"n": i, "pad": "x" * 500}]) for i in range(100)]
+    for data in events:
+        stream.send(data)
+    assert request.written == []
+    assert stream.queued <= 4096
+    assert stream.dropped == feed.dropped > 0
+    assert stream.dropped + len(stream.queue) == 100
+    stream.resumeProducing()
+    assert request.written == events[-len(request.written):]  # the newest were kept, in order
+    assert stream.queue == type(stream.queue)() and stream.queued == 0
+    stream.send(b"next")
+    assert request.written[-1] == b"next"
+
+
+def test_resume_stops_when_paused_again():
+    clock, gateway, feed = make_feed(client_buffer=1 << 20)
+    request = FakeRequest()
+    stream = feed.subscribe(request)
+    stream.pauseProducing()
+    for i in range(10):
+        stream.send(b"%d" % i)
+    original = request.write
+
+    def write(data):
+        original(data)
+        if len(request.written) == 3:
+            stream.pauseProducing()  # the transport's buffer filled again
+
+    request.write = write
+    stream.resumeProducing()
+    assert request.written == [b"0", b"1", b"2"]
+    assert len(stream.queue) == 7
+
+
+def test_max_clients_and_goodbye():
+    clock, gateway, feed = make_feed(max_clients=2)
+    first, second = FakeRequest(), FakeRequest()
+    s1 = feed.subscribe(first)
+    feed.subscribe(second)
+    assert feed.subscribe(FakeRequest()) is None
+    first._finish.errback(Exception("connection lost"))
+    first._finish.addErrback(lambda _: None)
+    assert s1 not in feed.clients and s1.closed
+    s1.send(b"ignored")
+    assert first.written == []
+    assert feed.subscribe(FakeRequest()) is not None
+
+
+def test_service_ends_streams_on_stop():
+    clock, gateway, feed = make_feed()
+    request = FakeRequest()
+    feed.subscribe(request)
+    feed.service.startService()
+    clock.pump([FLUSH_INTERVAL] * 4)
+    assert any(event == "tick" for event, _ in request.events())
+    feed.service.stopService()
+    assert request.finished and request.producer is None
+    assert not feed.clients
+    assert not clock.getDelayedCalls()
