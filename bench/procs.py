@@ -63,22 +63,24 @@ def wait_port(port, timeout, proc=None, host="127.0.0.1"):
         delay = min(delay * 2, 0.2)
 
 
-def http_get(port, path="/", timeout=5.0, host="127.0.0.1"):
+def http_get(port, path="/", timeout=5.0, host="127.0.0.1", headers=()):
     """
     One HTTP/1.1 GET; return C{(status, body)}.
+
+    @param headers: C{"Name: value"} strings sent with it.
 
     @raise OSError: or L{http.client.HTTPException} on connection failure.
     """
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
-        conn.request("GET", path)
+        conn.request("GET", path, headers={k.strip(): v.strip() for k, v in (h.split(":", 1) for h in headers)})
         resp = conn.getresponse()
         return resp.status, resp.read()
     finally:
         conn.close()
 
 
-def wait_http(port, path, timeout, expect_len=None, proc=None):
+def wait_http(port, path, timeout, expect_len=None, proc=None, headers=()):
     """
     Poll until C{GET path} on C{port} answers 200 (with a body of
     C{expect_len} bytes, if given).  A proxy whose port accepts but whose
@@ -94,7 +96,9 @@ def wait_http(port, path, timeout, expect_len=None, proc=None):
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process {proc.pid} exited with {proc.returncode}")
         try:
-            status, body = http_get(port, path, timeout=max(0.5, min(5.0, timeout)))
+            status, body = http_get(
+                port, path, timeout=max(0.5, min(5.0, timeout)), headers=headers
+            )
             last = (status, len(body))
             if status == 200 and (expect_len is None or len(body) == expect_len):
                 return last

@@ -59,6 +59,21 @@ routes:
 START_TIMEOUT = 30.0  # seconds for a peer to accept and answer 200
 
 
+def directives(text):
+    """
+    The C{# bench-NAME: VALUE} comment lines of a gateway config template,
+    as C{[(NAME, VALUE)]}: C{bench-header: Name: value} is sent with every
+    request of that row (wrk and the readiness checks), C{bench-twistd-arg:
+    ARG} is given to twistd before C{gateway} (e.g. C{--logger=...}).
+    """
+    found = []
+    for line in text.splitlines():
+        m = re.match(r"\s*#\s*bench-([a-z-]+):\s*(.*?)\s*$", line)
+        if m:
+            found.append((m.group(1), m.group(2)))
+    return found
+
+
 class Unavailable(Exception):
     """
     The peer cannot run on this machine; the message says why.
@@ -73,6 +88,8 @@ class Context:
         self.processes = processes
         self.origin = origin
         self._gateway_help = None
+        #: Request headers of the row being measured (C{bench-header}).
+        self.headers = []
 
     def env(self):
         env = dict(os.environ)
@@ -183,8 +200,17 @@ def launch_gateway(ctx, port, variant):
     path = os.path.join(ctx.tmpdir, f"{name}.yaml")
     with open(path, "w") as f:
         f.write(text)
-    argv = [ctx.python, "-c", TWISTD, "-n", "--pidfile=", "gateway", "--config", path]
-    return argv, ctx.env(), REPO
+    twistd_args = []
+    for key, value in directives(template):
+        if key == "header":
+            ctx.headers.append(value)
+        elif key == "twistd-arg":
+            twistd_args.append(value)
+    argv = [ctx.python, "-c", TWISTD, "-n", "--pidfile=", *twistd_args,
+            "gateway", "--config", path]
+    env = ctx.env()
+    env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], HERE])  # bench/jsonlog.py
+    return argv, env, REPO
 
 
 LAUNCHERS = {
@@ -203,6 +229,11 @@ LABELS = {
     "twisted": "twisted ReverseProxy",
     "gateway": "gateway",
 }
+
+
+def wrk_headers(ctx):
+    """wrk's C{-H} arguments for the row's C{bench-header} directives."""
+    return [arg for h in ctx.headers for arg in ("-H", h)]
 
 
 def log(msg):
@@ -227,7 +258,7 @@ def measure(ctx, url, pid, scenario):
         if waited >= 2:
             log(f"waited {waited:.0f} s for a quiet machine (now {busy:.0f}% of a core busy)")
     if a.warmup > 0:
-        wrkrun.run(url, a.warmup, a.connections, cpu=a.load_cpu)
+        wrkrun.run(url, a.warmup, a.connections, cpu=a.load_cpu, extra=wrk_headers(ctx))
     origin_pid = ctx.origin.proc.pid
     cores = [c for c in (a.proxy_cpu, a.load_cpu) if c is not None]
 
@@ -242,7 +273,7 @@ def measure(ctx, url, pid, scenario):
         }
 
     before = sample()
-    result = wrkrun.run(url, a.duration, a.connections, cpu=a.load_cpu)
+    result = wrkrun.run(url, a.duration, a.connections, cpu=a.load_cpu, extra=wrk_headers(ctx))
     after = sample()
     wall = after["t"] - before["t"]
 
@@ -283,6 +314,7 @@ def bench_peer(ctx, peer, variant, scenarios, deadline, out):
         appended at once and filled in as measurements finish, so that an
         interrupted run still reports what it measured.
     """
+    ctx.headers = []
     label = LABELS[peer] + (f" [{variant}]" if variant else "")
     rows = [
         {"peer": peer, "variant": variant, "label": label, "scenario": s}
@@ -317,7 +349,8 @@ def bench_peer(ctx, peer, variant, scenarios, deadline, out):
             pid = proc.pid
             try:
                 procs.wait_port(port, START_TIMEOUT, proc=proc)
-                procs.wait_http(port, "/", START_TIMEOUT, expect_len=len(SMALL_BODY), proc=proc)
+                procs.wait_http(port, "/", START_TIMEOUT, expect_len=len(SMALL_BODY), proc=proc,
+                                headers=ctx.headers)
             except RuntimeError as e:
                 log(f"{label}: failed to start: {e}\n{procs.tail(logfile)}")
                 return fail_all(f"failed to start: {e}")
@@ -328,7 +361,7 @@ def bench_peer(ctx, peer, variant, scenarios, deadline, out):
                 row["status"] = "skipped: total time budget exhausted"
                 continue
             try:
-                procs.wait_http(port, path, 10, expect_len=size, proc=proc)
+                procs.wait_http(port, path, 10, expect_len=size, proc=proc, headers=ctx.headers)
                 log(f"{label}: {s}: warm-up {ctx.args.warmup}s, measure {ctx.args.duration}s")
                 url = f"http://127.0.0.1:{port}{path}"
                 runs = [measure(ctx, url, pid, s) for _ in range(ctx.args.repeat)]

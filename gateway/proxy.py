@@ -150,6 +150,20 @@ class ProxyResource(Resource):
         super().__init__()
         self._gateway = gateway
         self._clock = gateway.reactor
+        self._hooks_of = None
+        self._hooks_cache: "_Hooks | None" = None
+
+    def _hooks(self) -> "_Hooks":
+        """
+        The filters' bound hooks, looked up once per filters tuple (the
+        gateway's C{filters} may be replaced, e.g. by tests), not once per
+        filter per request.
+        """
+        filters = self._gateway.filters
+        if filters is not self._hooks_of:
+            self._hooks_cache = _Hooks(filters)
+            self._hooks_of = filters
+        return self._hooks_cache
 
     # -- the pipeline ------------------------------------------------------
 
@@ -196,13 +210,12 @@ class ProxyResource(Resource):
         self._run_filters(None, request, context, 0)
         return server.NOT_DONE_YET
 
-    def _run_filters(self, _, request, context: RequestContext, index: int) -> None:
-        filters = self._gateway.filters
-        while index < len(filters):
-            on_request = getattr(filters[index], "on_request", None)
+    def _run_filters(self, _, request, context: RequestContext, index: int, hooks=None) -> None:
+        if hooks is None:
+            hooks = self._hooks().on_request
+        while index < len(hooks):
+            on_request = hooks[index]
             index += 1
-            if on_request is None:
-                continue
             try:
                 result = on_request(request, context)
             except Exception:
@@ -211,18 +224,18 @@ class ProxyResource(Resource):
             if result is None:
                 continue
             if isinstance(result, Deferred):
-                result.addCallback(self._filter_result, request, context, index)
+                result.addCallback(self._filter_result, request, context, index, hooks)
                 result.addErrback(self._filter_failed, request, context)
                 return
             self._answer(request, context, result)
             return
         self._forward(request, context)
 
-    def _filter_result(self, result, request, context: RequestContext, index: int) -> None:
+    def _filter_result(self, result, request, context: RequestContext, index: int, hooks) -> None:
         if request._disconnected:
             return
         if result is None:
-            self._run_filters(None, request, context, index)
+            self._run_filters(None, request, context, index, hooks)
         else:
             self._answer(request, context, result)
 
@@ -235,13 +248,11 @@ class ProxyResource(Resource):
             self._answer(request, context, Answer.error_(500, "internal gateway error"))
 
     def _response_filters(self, request, context: RequestContext) -> None:
-        for f in self._gateway.filters:
-            on_response = getattr(f, "on_response", None)
-            if on_response is not None:
-                try:
-                    on_response(request, context)
-                except Exception:
-                    _log.failure("response filter failed", request_id=context.request_id)
+        for on_response in self._hooks().on_response:
+            try:
+                on_response(request, context)
+            except Exception:
+                _log.failure("response filter failed", request_id=context.request_id)
 
     def _answer(self, request, context: RequestContext, answer: Answer) -> None:
         """Answer the client directly (not from a backend)."""
@@ -459,10 +470,7 @@ class ProxyResource(Resource):
 
         @return: fires with None (carry on) or that filter's result.
         """
-        for f in self._gateway.filters:
-            ask = getattr(f, hook, None)
-            if ask is None:
-                continue
+        for ask in getattr(self._hooks(), hook):
             try:
                 result = ask(request, context, outcome)
             except Exception:
@@ -577,6 +585,20 @@ class ProxyResource(Resource):
             except Exception:
                 _log.failure("request observer failed", request_id=context.request_id)
         return None
+
+
+class _Hooks:
+    """
+    The bound hooks of a filters tuple, in pipeline order, each tuple
+    holding only the filters that define that hook.
+    """
+
+    __slots__ = ("on_request", "on_response", "on_upstream_response", "on_upstream_failure")
+
+    def __init__(self, filters) -> None:
+        for hook in self.__slots__:
+            bound = (getattr(f, hook, None) for f in filters)
+            setattr(self, hook, tuple(h for h in bound if h is not None))
 
 
 class _Exchange:
