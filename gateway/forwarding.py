@@ -1,8 +1,10 @@
 """
 Forwarding: sending a request to a backend and streaming its response back.
 
-The forwarder speaks to backends with L{twisted.web.client.Agent} over an
-L{HTTPConnectionPool} of its own, one per service. It does not use treq's
+The forwarder speaks to backends with the lean client of
+L{gateway.upstream} (llhttp parsing, a keep-alive pool of its own, one per
+service), or, with C{TXGATEWAY_UPSTREAM_CLIENT=agent}, with
+L{twisted.web.client.Agent} over an L{HTTPConnectionPool}. It does not use treq's
 C{HTTPClient} here: that wraps its agent in a C{ContentDecoderAgent}, which
 adds C{Accept-Encoding: gzip} and silently decompresses responses, and it
 re-parses every URL; a proxy must pass bodies and encodings through as they

@@ -172,6 +172,7 @@ class UpstreamProtocol(Protocol):
         self._closed: Optional[Deferred] = None
         self._cancelled = False
         self._aborted = False
+        self._ready: Optional[UpstreamResponse] = None
 
     def connectionMade(self) -> None:
         self.connected_ = True
@@ -192,6 +193,7 @@ class UpstreamProtocol(Protocol):
         self._received = False
         self._complete = False
         self._cancelled = False
+        self._ready = None
         self._names = []
         self._fields = []
         self._parser = httptools.HttpResponseParser(self)
@@ -267,12 +269,9 @@ class UpstreamProtocol(Protocol):
         if head or code == 204 or code == 304:
             length = 0
         self._keep_alive = parser.should_keep_alive()
-        self._response = response = UpstreamResponse(
+        self._response = self._ready = UpstreamResponse(
             self, code, self._phrase, Headers(headers), Headers(control), length
         )
-        d, self._d = self._d, None
-        if d is not None:
-            d.callback(response)
         if head:
             self._message_complete()
             raise _Stop()
@@ -309,16 +308,26 @@ class UpstreamProtocol(Protocol):
         except Exception:
             self._fail(Failure())
             return
+        # The response is handed over only now, outside the parser: its
+        # reader may send the next request or stop this one, and the
+        # connection is back in the pool first if the response is complete.
+        d = self._d
+        response = self._response
         if self._complete:
             self._done()
-        elif self._response is not None and self._response._protocol is None:
+        elif response is not None and response._protocol is None:
             # Keep as little of the body as possible until someone reads it.
             self.transport.pauseProducing()
+        if d is not None and self._ready is not None:
+            self._d = None
+            ready, self._ready = self._ready, None
+            d.callback(ready)
 
     def _resume_reading(self) -> None:
         self.transport.resumeProducing()
 
     def _fail(self, failure: Failure) -> None:
+        self._ready = None
         self.abort()
         if self._d is not None:
             d, self._d = self._d, None

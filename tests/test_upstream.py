@@ -362,3 +362,70 @@ def test_max_idle():
     result(first), result(second)
     assert len(pool._idle["k"]) == 1
     assert ep.protocols[1].transport.disconnecting
+
+
+# --- over real sockets, both clients of the forwarder --------------------------
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import inlineCallbacks as _inline
+from twisted.web import resource, server
+
+from gateway.config import Backend, Service
+from gateway.forwarding import ServiceForwarder
+from gateway.upstream import UpstreamResponse
+
+
+class _Origin(resource.Resource):
+    isLeaf = True
+
+    def __init__(self):
+        super().__init__()
+        self.peers = []
+
+    def render(self, request):
+        self.peers.append(request.channel.transport.getPeer().port)
+        request.setHeader(b"x-method", request.method)
+        request.responseHeaders.setRawHeaders(b"set-cookie", [b"a=1", b"b=2"])
+        if request.path == b"/chunked":
+            request.write(b"abc")
+            request.write(b"def")
+            request.finish()
+            return server.NOT_DONE_YET
+        return b"hello " + request.content.read()
+
+
+@pytest.mark.parametrize("lean", [True, False])
+@pytest_twisted.inlineCallbacks
+def test_forwarder_over_sockets(lean):
+    from twisted.internet import reactor
+    from treq import content
+
+    origin = _Origin()
+    port = reactor.listenTCP(0, server.Site(origin), interface="127.0.0.1")
+    backend = Backend.from_url(f"http://127.0.0.1:{port.getHost().port}")
+    forwarder = ServiceForwarder(reactor, Service(name="s", backends=(backend,)), lean=lean)
+    headers = Headers({b"Host": [backend.host_header]})
+    try:
+        r1 = yield forwarder.request(b"GET", backend, b"/", headers, None, 5.0)
+        assert isinstance(r1, UpstreamResponse) is lean
+        assert (yield content(r1)) == b"hello "
+        assert r1.headers.getRawHeaders(b"set-cookie") == [b"a=1", b"b=2"]
+        assert r1.connection_headers.getRawHeaders(b"content-length") == [b"6"]
+        forwarder.limits.release(backend)
+        r2 = yield forwarder.request(b"POST", backend, b"/", headers, b"there", 5.0)
+        assert (yield content(r2)) == b"hello there"
+        forwarder.limits.release(backend)
+        r3 = yield forwarder.request(b"GET", backend, b"/chunked", headers, None, 5.0)
+        assert r3.length is UNKNOWN_LENGTH and (yield content(r3)) == b"abcdef"
+        forwarder.limits.release(backend)
+        r4 = yield forwarder.request(b"HEAD", backend, b"/", headers, None, 5.0)
+        assert (yield content(r4)) == b"" and r4.headers.getRawHeaders(b"x-method") == [b"HEAD"]
+        forwarder.limits.release(backend)
+        r5 = yield forwarder.request(b"GET", backend, b"/", headers, None, 5.0)
+        assert (yield content(r5)) == b"hello "
+        forwarder.limits.release(backend)
+        assert len(set(origin.peers)) == 1  # one kept-alive connection carried them all
+    finally:
+        yield forwarder.close()
+        yield port.stopListening()
