@@ -28,6 +28,7 @@ connection, as C{HTTPConnectionPool.retryAutomatically} does.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional
 
 import httptools
@@ -173,21 +174,32 @@ class UpstreamProtocol(Protocol):
         self._cancelled = False
         self._aborted = False
         self._ready: Optional[UpstreamResponse] = None
+        self._retry = None
+        self._again: Optional[Deferred] = None
+        self._again_for: Optional[Deferred] = None
 
     def connectionMade(self) -> None:
         self.connected_ = True
 
     # -- sending
 
-    def request(self, method: bytes, path: bytes, headers: Headers, body: Optional[bytes]) -> Deferred:
+    def request(
+        self, method: bytes, path: bytes, headers: Headers, body: Optional[bytes], retry=None
+    ) -> Deferred:
         """
         Send one request.
+
+        @param retry: called with no arguments if the connection closes
+            before any response byte; returns a Deferred for the same
+            request on a new connection, whose result becomes this one's.
 
         @return: a Deferred firing with an L{UpstreamResponse} once its head
             has arrived, or failing with L{ResponseNeverReceived} or
             L{ResponseFailed}; cancelling it aborts the connection.
         """
         self._d = d = Deferred(self._cancel)
+        self._retry = retry
+        self._again = None
         self._response = None
         self._head = method == b"HEAD"
         self._received = False
@@ -211,6 +223,9 @@ class UpstreamProtocol(Protocol):
         return d
 
     def _cancel(self, d: Deferred) -> None:
+        if self._again is not None and self._again_for is d:
+            self._again.cancel()  # the retry on a new connection
+            return
         self._cancelled = True
         self.abort()
 
@@ -359,7 +374,11 @@ class UpstreamProtocol(Protocol):
                 response._end(Failure(ResponseFailed([reason])))
         d, self._d = self._d, None
         if d is not None and not self._cancelled:
-            if self._received:
+            if self._retry is not None and not self._received:
+                self._again_for = d
+                self._again = self._retry()
+                self._again.chainDeferred(d)
+            elif self._received:
                 d.errback(ResponseFailed([reason]))
             else:
                 d.errback(ResponseNeverReceived([reason]))
@@ -413,10 +432,10 @@ class UpstreamPool:
             if not proto.connected_:
                 continue
             proto.reused = True
-            d = proto.request(method, path, headers, body)
+            retry = None
             if method in IDEMPOTENT and body is None:
-                return self._retrying(d, key, endpoint, method, path, headers, body)
-            return d
+                retry = partial(self._fresh, key, endpoint, method, path, headers, body)
+            return proto.request(method, path, headers, body, retry)
         return self._fresh(key, endpoint, method, path, headers, body)
 
     def _fresh(self, key, endpoint, method, path, headers, body) -> Deferred:
@@ -426,24 +445,6 @@ class UpstreamPool:
         return endpoint.connect(factory).addCallback(
             lambda proto: proto.request(method, path, headers, body)
         )
-
-    def _retrying(self, first: Deferred, key, endpoint, method, path, headers, body) -> Deferred:
-        state = {"current": first}
-        result: Deferred = Deferred(lambda _: state["current"].cancel())
-
-        def failed(failure: Failure):
-            if failure.check(ResponseNeverReceived) and not result.called:
-                again = state["current"] = self._fresh(key, endpoint, method, path, headers, body)
-                again.chainDeferred(result)
-            elif not result.called:
-                result.errback(failure)
-
-        def got(response):
-            if not result.called:
-                result.callback(response)
-
-        first.addCallbacks(got, failed)
-        return result
 
     def _release(self, proto: UpstreamProtocol) -> None:
         idle = self._idle.setdefault(proto._key, [])

@@ -235,6 +235,19 @@ def test_reused_connection_closed_before_response_is_retried_once():
     assert result(d).code == 200
 
 
+def test_cancel_during_retry_aborts_the_new_connection():
+    _, pool, ep = setup()
+    d = send(pool, ep)
+    first = ep.protocols[0]
+    first.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    result(d)
+    d = send(pool, ep)
+    close(first, ConnectionLost)
+    d.cancel()
+    assert result(d).check(CancelledError)
+    assert ep.protocols[1].transport.disconnecting
+
+
 def test_non_idempotent_request_not_retried():
     _, pool, ep = setup()
     d = send(pool, ep)
