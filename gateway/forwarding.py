@@ -1,8 +1,10 @@
 """
 Forwarding: sending a request to a backend and streaming its response back.
 
-The forwarder speaks to backends with L{twisted.web.client.Agent} over an
-L{HTTPConnectionPool} of its own, one per service. It does not use treq's
+The forwarder speaks to backends with the lean client of
+L{gateway.upstream} (llhttp parsing, a keep-alive pool of its own, one per
+service), or, with C{TXGATEWAY_UPSTREAM_CLIENT=agent}, with
+L{twisted.web.client.Agent} over an L{HTTPConnectionPool}. It does not use treq's
 C{HTTPClient} here: that wraps its agent in a C{ContentDecoderAgent}, which
 adds C{Accept-Encoding: gzip} and silently decompresses responses, and it
 re-parses every URL; a proxy must pass bodies and encodings through as they
@@ -18,6 +20,7 @@ the client is appended to C{X-Forwarded-For}.
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from typing import Optional
 
@@ -54,6 +57,12 @@ from zope.interface import implementer
 
 from gateway.config import Backend, Service
 from gateway.tls import backend_policy
+from gateway.upstream import UpstreamPool
+
+#: Send to backends with L{gateway.upstream} (True) or with Twisted's
+#: L{Agent} and L{HTTPConnectionPool} (False), kept for comparison: set
+#: C{TXGATEWAY_UPSTREAM_CLIENT=agent} in the environment for the latter.
+LEAN_CLIENT = os.environ.get("TXGATEWAY_UPSTREAM_CLIENT", "lean") != "agent"
 
 #: Hop-by-hop header names, lower-case (RFC 9110 §7.6.1; C{Keep-Alive} and
 #: C{Proxy-Connection} are the non-standard ones seen in the wild).
@@ -368,12 +377,15 @@ class ServiceForwarder:
         C{IReactorSSL} for HTTPS backends).
     @param service: the service; its C{timeouts.connect} and
         C{max_connections_per_backend} are used here.
-    @param agent: the L{IAgent} requests are sent with; None for an
-        L{Agent} over this forwarder's pool. Tests give a
+    @param agent: the L{IAgent} requests are sent with; None for this
+        forwarder's own pool. Tests give a
         L{treq.testing.RequestTraversalAgent}.
+    @param lean: send with L{gateway.upstream.UpstreamPool} (True) or an
+        L{Agent} over an L{HTTPConnectionPool} (False); L{LEAN_CLIENT} if
+        None. Ignored when C{agent} is given.
     """
 
-    def __init__(self, reactor, service: Service, agent=None) -> None:
+    def __init__(self, reactor, service: Service, agent=None, lean: Optional[bool] = None) -> None:
         self._reactor = reactor
         self.service = service
         self.pool = _Pool(reactor, persistent=True)
@@ -383,6 +395,9 @@ class ServiceForwarder:
         #: backend URL -> (pool key, endpoint, parsed URI, base path), for
         #: sending straight to the pool; None when an agent was given.
         self._targets: Optional[dict] = None
+        self._lean: Optional[UpstreamPool] = None
+        if agent is None and (LEAN_CLIENT if lean is None else lean):
+            self._lean = UpstreamPool(reactor, service.max_connections_per_backend, 60)
         if agent is None:
             # HTTPS: verification, CA bundle, client certificate
             self._endpoints = BackendEndpoints(
@@ -413,6 +428,8 @@ class ServiceForwarder:
         key, endpoint, uri, base_path = found
         path = _ensureValidURI(base_path + target)
         method = _ensureValidMethod(method)
+        if self._lean is not None:
+            return self._lean.request(key, endpoint, method, path, headers, producer)
         persistent = self.pool.persistent
 
         def connected(proto):
@@ -459,7 +476,10 @@ class ServiceForwarder:
             if state["timed_out"] or result.called:
                 self.limits.release(backend)
                 return
-            producer = BytesProducer(body) if body is not None else None
+            if self._lean is not None:
+                producer = body
+            else:
+                producer = BytesProducer(body) if body is not None else None
             if self._targets is not None:
                 inner = self._send(method, backend, target, headers, producer)
             else:
@@ -497,6 +517,8 @@ class ServiceForwarder:
 
     def close(self) -> Deferred:
         """Close the pool's idle connections. @return: fires when closed."""
+        if self._lean is not None:
+            return self._lean.close()
         return self.pool.closeCachedConnections()
 
 

@@ -1,0 +1,484 @@
+"""
+A lean HTTP/1.1 client for backends: one L{UpstreamProtocol} per backend
+connection, responses parsed by C{httptools} (llhttp), and a small
+keep-alive L{UpstreamPool} per service.
+
+Twisted's C{HTTP11ClientProtocol} and C{HTTPConnectionPool} were most of
+the gateway's client-side CPU under load (docs/performance.rst): a state
+machine per request, a body producer protocol, a line parser written in
+Python, several Deferreds per request. This client does one request at a
+time per connection with one Deferred, writes the request head and body
+in one C{transport.write}, and leaves parsing to llhttp.
+
+Its responses look like L{twisted.web.iweb.IResponse} to the proxy:
+C{code}, C{phrase}, C{headers} (without connection-control fields, which
+are in C{connection_headers}, as L{gateway.forwarding} arranges for
+Twisted's client), C{length} and C{deliverBody}. The body protocol gets a
+transport whose C{pauseProducing} stops reading from the backend socket,
+and C{connectionLost} with L{ResponseDone} (complete),
+L{PotentialDataLoss} (ended by the backend closing) or L{ResponseFailed}
+(cut short).
+
+A connection goes back to the pool only after a complete response that
+neither side ended with C{Connection: close}. An idempotent request
+without a body that fails on a reused connection before any response byte
+(the backend closed it while it sat idle) is retried once on a new
+connection, as C{HTTPConnectionPool.retryAutomatically} does.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Optional
+
+import httptools
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
+from twisted.web._newclient import ResponseFailed, ResponseNeverReceived
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH
+
+#: Response fields Twisted's client files apart from C{Response.headers}
+#: (L{twisted.web._newclient.HTTPParser.CONNECTION_CONTROL_HEADERS}).
+CONNECTION_CONTROL = frozenset(
+    [
+        b"content-length",
+        b"connection",
+        b"keep-alive",
+        b"te",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-connection",
+    ]
+)
+
+#: Methods retried once when a reused connection turns out to be closed.
+IDEMPOTENT = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"DELETE"])
+
+#: Methods that carry C{Content-Length: 0} when sent without a body.
+_EMPTY_BODY_LENGTH = frozenset([b"POST", b"PUT", b"PATCH"])
+
+
+class _Stop(Exception):
+    """Raised in a parser callback to stop parsing (end of a HEAD response)."""
+
+
+class UpstreamResponse:
+    """
+    A backend's response: its head, and its body streamed to the protocol
+    given to L{deliverBody}. It is also that protocol's transport.
+
+    @ivar code: the status code (L{int}).
+    @ivar phrase: the reason phrase (L{bytes}).
+    @ivar headers: the end-to-end fields (L{Headers}).
+    @ivar connection_headers: the connection-control fields (L{Headers}).
+    @ivar length: the body's length from C{Content-Length}, 0 for a body
+        that cannot be there (HEAD, 204, 304), or C{UNKNOWN_LENGTH}.
+    """
+
+    version = (b"HTTP", 1, 1)
+
+    def __init__(self, connection, code, phrase, headers, connection_headers, length):
+        self._connection: Optional[UpstreamProtocol] = connection
+        self.code = code
+        self.phrase = phrase
+        self.headers = headers
+        self.connection_headers = connection_headers
+        self.length = length
+        self._protocol = None
+        self._buffer: list = []
+        self._ended: Optional[Failure] = None
+        self._paused = False
+
+    # -- from the connection
+
+    def _body(self, data: bytes) -> None:
+        if self._protocol is None:
+            self._buffer.append(data)
+        else:
+            self._protocol.dataReceived(data)
+
+    def _end(self, reason: Failure) -> None:
+        self._connection = None
+        if self._protocol is None:
+            self._ended = reason
+        else:
+            protocol, self._protocol = self._protocol, None
+            protocol.connectionLost(reason)
+
+    # -- IResponse
+
+    def deliverBody(self, protocol) -> None:
+        """Stream the body to C{protocol} (an L{IProtocol})."""
+        self._protocol = protocol
+        protocol.makeConnection(self)
+        buffered, self._buffer = self._buffer, []
+        for data in buffered:
+            protocol.dataReceived(data)
+        if self._ended is not None:
+            reason, self._ended = self._ended, None
+            self._protocol = None
+            protocol.connectionLost(reason)
+        elif self._connection is not None and not self._paused:
+            self._connection._resume_reading()
+
+    def setPreviousResponse(self, response) -> None:
+        pass
+
+    # -- IPushProducer, for the body protocol
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        if self._connection is not None:
+            self._connection.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        if self._connection is not None and self._protocol is not None:
+            self._connection.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        """Stop reading the body: the connection is aborted."""
+        if self._connection is not None:
+            self._connection.abort()
+
+
+class UpstreamProtocol(Protocol):
+    """
+    One connection to a backend, one request at a time.
+
+    @ivar reused: whether it has carried a request before the current one.
+    """
+
+    def __init__(self, pool, key) -> None:
+        self._pool = pool
+        self._key = key
+        self.reused = False
+        self.connected_ = False
+        self._d: Optional[Deferred] = None
+        self._response: Optional[UpstreamResponse] = None
+        self._parser = None
+        self._head = False
+        self._received = False
+        self._complete = False
+        self._keep_alive = False
+        self._names: list = []
+        self._fields: list = []
+        self._phrase = b""
+        self._idle_timer = None
+        self._closed: Optional[Deferred] = None
+        self._cancelled = False
+        self._aborted = False
+        self._ready: Optional[UpstreamResponse] = None
+        self._retry = None
+        self._again: Optional[Deferred] = None
+        self._again_for: Optional[Deferred] = None
+
+    def connectionMade(self) -> None:
+        self.connected_ = True
+
+    # -- sending
+
+    def request(
+        self, method: bytes, path: bytes, headers: Headers, body: Optional[bytes], retry=None
+    ) -> Deferred:
+        """
+        Send one request.
+
+        @param retry: called with no arguments if the connection closes
+            before any response byte; returns a Deferred for the same
+            request on a new connection, whose result becomes this one's.
+
+        @return: a Deferred firing with an L{UpstreamResponse} once its head
+            has arrived, or failing with L{ResponseNeverReceived} or
+            L{ResponseFailed}; cancelling it aborts the connection.
+        """
+        self._d = d = Deferred(self._cancel)
+        self._retry = retry
+        self._again = None
+        self._response = None
+        self._head = method == b"HEAD"
+        self._received = False
+        self._complete = False
+        self._cancelled = False
+        self._ready = None
+        self._names = []
+        self._fields = []
+        self._parser = httptools.HttpResponseParser(self)
+        lines = [method, b" ", path, b" HTTP/1.1\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                lines += (name, b": ", value, b"\r\n")
+        if body is not None:
+            lines += (b"Content-Length: %d\r\n\r\n" % len(body), body)
+        elif method in _EMPTY_BODY_LENGTH:
+            lines.append(b"Content-Length: 0\r\n\r\n")
+        else:
+            lines.append(b"\r\n")
+        self.transport.write(b"".join(lines))
+        return d
+
+    def _cancel(self, d: Deferred) -> None:
+        if self._again is not None and self._again_for is d:
+            self._again.cancel()  # the retry on a new connection
+            return
+        self._cancelled = True
+        self.abort()
+
+    def abort(self) -> None:
+        """Drop the connection now; it is never reused."""
+        self._aborted = True
+        self._keep_alive = False
+        self.transport.abortConnection()
+
+    # -- httptools callbacks
+
+    def on_message_begin(self) -> None:
+        if self._complete:
+            self._keep_alive = False  # bytes nobody asked for: do not reuse
+
+    def on_status(self, status: bytes) -> None:
+        self._phrase = status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._names.append(name)
+        self._fields.append(value)
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        code = parser.get_status_code()
+        names, values = self._names, self._fields
+        self._names = []
+        self._fields = []
+        if code < 200:
+            return  # 100 Continue and the like: ignored, the final one follows
+        headers: dict = {}
+        control: dict = {}
+        head = self._head
+        length = UNKNOWN_LENGTH
+        chunked = False
+        for name, value in zip(names, values):
+            lower = name.lower()
+            if lower in CONNECTION_CONTROL and not (head and lower == b"content-length"):
+                target = control
+                if lower == b"content-length":
+                    try:
+                        length = int(value)
+                    except ValueError:
+                        pass
+                elif lower == b"transfer-encoding":
+                    chunked = True
+            else:
+                target = headers
+            found = target.get(name)
+            if found is None:
+                target[name] = [value]
+            else:
+                found.append(value)
+        if chunked:
+            length = UNKNOWN_LENGTH
+        if head or code == 204 or code == 304:
+            length = 0
+        self._keep_alive = parser.should_keep_alive()
+        self._response = self._ready = UpstreamResponse(
+            self, code, self._phrase, Headers(headers), Headers(control), length
+        )
+        if head:
+            self._message_complete()
+            raise _Stop()
+
+    def on_body(self, body: bytes) -> None:
+        if self._response is not None:
+            self._response._body(body)
+
+    def on_message_complete(self) -> None:
+        if self._response is None:
+            return  # the end of a 1xx response
+        self._message_complete()
+
+    def _message_complete(self) -> None:
+        if self._complete:
+            return
+        self._complete = True
+        response, self._response = self._response, None
+        if response is not None:
+            response._end(Failure(ResponseDone("Response body fully received")))
+
+    # -- receiving
+
+    def dataReceived(self, data: bytes) -> None:
+        self._received = True
+        try:
+            self._parser.feed_data(data)
+        except _Stop:
+            pass
+        except httptools.HttpParserCallbackError as e:
+            if not isinstance(e.__context__, _Stop):
+                self._fail(Failure())
+                return
+        except Exception:
+            self._fail(Failure())
+            return
+        # The response is handed over only now, outside the parser: its
+        # reader may send the next request or stop this one, and the
+        # connection is back in the pool first if the response is complete.
+        d = self._d
+        response = self._response
+        if self._complete:
+            self._done()
+        elif response is not None and response._protocol is None:
+            # Keep as little of the body as possible until someone reads it.
+            self.transport.pauseProducing()
+        if d is not None and self._ready is not None:
+            self._d = None
+            ready, self._ready = self._ready, None
+            d.callback(ready)
+
+    def _resume_reading(self) -> None:
+        self.transport.resumeProducing()
+
+    def _fail(self, failure: Failure) -> None:
+        self._ready = None
+        self.abort()
+        if self._d is not None:
+            d, self._d = self._d, None
+            d.errback(ResponseFailed([failure]))
+
+    def _done(self) -> None:
+        """A complete response: back to the pool, or closed."""
+        if self._keep_alive and not self._aborted:
+            self.transport.resumeProducing()
+            self._pool._release(self)
+        else:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self.connected_ = False
+        self._pool._lost(self)
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.cancel()
+        self._idle_timer = None
+        response, self._response = self._response, None
+        if response is not None:
+            if (
+                response.length is UNKNOWN_LENGTH
+                and not self._aborted
+                and not response.connection_headers.hasHeader(b"transfer-encoding")
+            ):
+                response._end(Failure(PotentialDataLoss()))
+            else:
+                response._end(Failure(ResponseFailed([reason])))
+        d, self._d = self._d, None
+        if d is not None and not self._cancelled:
+            if self._retry is not None and not self._received:
+                self._again_for = d
+                self._again = self._retry()
+                self._again.chainDeferred(d)
+            elif self._received:
+                d.errback(ResponseFailed([reason]))
+            else:
+                d.errback(ResponseNeverReceived([reason]))
+        if self._closed is not None:
+            closed, self._closed = self._closed, None
+            closed.callback(None)
+
+
+class _UpstreamFactory(Factory):
+    noisy = False
+
+    def __init__(self, pool, key) -> None:
+        self._pool = pool
+        self._key = key
+
+    def buildProtocol(self, addr):
+        return UpstreamProtocol(self._pool, self._key)
+
+
+class UpstreamPool:
+    """
+    Keep-alive connections to backends, kept by key (one per backend).
+
+    @param reactor: provides C{IReactorTime}.
+    @param max_idle: the most idle connections kept per key.
+    @param idle_timeout: seconds an idle connection is kept.
+    """
+
+    def __init__(self, reactor, max_idle: int, idle_timeout: float = 60.0) -> None:
+        self._reactor = reactor
+        self.max_idle = max_idle
+        self.idle_timeout = idle_timeout
+        self._idle: dict = {}
+        self._factories: dict = {}
+
+    def request(self, key, endpoint, method: bytes, path: bytes, headers: Headers, body) -> Deferred:
+        """
+        Send a request over an idle connection for C{key}, or a new one
+        made with C{endpoint}.
+
+        @return: a Deferred firing with an L{UpstreamResponse}; cancelling
+            it stops the connection attempt or aborts the request.
+        """
+        idle = self._idle.get(key)
+        while idle:
+            proto = idle.pop()
+            if proto._idle_timer is not None:
+                if proto._idle_timer.active():
+                    proto._idle_timer.cancel()
+                proto._idle_timer = None
+            if not proto.connected_:
+                continue
+            proto.reused = True
+            retry = None
+            if method in IDEMPOTENT and body is None:
+                retry = partial(self._fresh, key, endpoint, method, path, headers, body)
+            return proto.request(method, path, headers, body, retry)
+        return self._fresh(key, endpoint, method, path, headers, body)
+
+    def _fresh(self, key, endpoint, method, path, headers, body) -> Deferred:
+        factory = self._factories.get(key)
+        if factory is None:
+            factory = self._factories[key] = _UpstreamFactory(self, key)
+        return endpoint.connect(factory).addCallback(
+            lambda proto: proto.request(method, path, headers, body)
+        )
+
+    def _release(self, proto: UpstreamProtocol) -> None:
+        idle = self._idle.setdefault(proto._key, [])
+        if len(idle) >= self.max_idle:
+            proto.transport.loseConnection()
+            return
+        idle.append(proto)
+        proto._idle_timer = self._reactor.callLater(
+            self.idle_timeout, proto.transport.loseConnection
+        )
+
+    def _lost(self, proto: UpstreamProtocol) -> None:
+        idle = self._idle.get(proto._key)
+        if idle and proto in idle:
+            idle.remove(proto)
+
+    def close(self) -> Deferred:
+        """
+        Close the idle connections.
+
+        @return: a Deferred firing once they are closed.
+        """
+        waits = []
+        for idle in self._idle.values():
+            for proto in list(idle):
+                if proto._idle_timer is not None and proto._idle_timer.active():
+                    proto._idle_timer.cancel()
+                proto._idle_timer = None
+                proto._closed = Deferred()
+                waits.append(proto._closed)
+                proto.transport.loseConnection()
+        self._idle = {}
+        if not waits:
+            return succeed(None)
+        from twisted.internet.defer import gatherResults
+
+        return gatherResults(waits).addCallback(lambda _: None)

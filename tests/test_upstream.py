@@ -1,0 +1,444 @@
+"""The lean backend client: parsing, keep-alive, flow control, cancellation."""
+
+from twisted.internet.defer import CancelledError, succeed
+from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.web._newclient import ResponseFailed, ResponseNeverReceived
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH
+
+from gateway.upstream import UpstreamPool
+
+
+class FakeEndpoint:
+    """Connects at once over a L{StringTransport}; remembers each protocol."""
+
+    def __init__(self, refuse=False):
+        self.protocols = []
+        self.refuse = refuse
+
+    def connect(self, factory):
+        if self.refuse:
+            from twisted.internet.defer import fail
+
+            return fail(ConnectionRefusedError())
+        proto = factory.buildProtocol(None)
+        proto.makeConnection(StringTransport())
+        self.protocols.append(proto)
+        return succeed(proto)
+
+
+class Body:
+    def __init__(self):
+        self.data = []
+        self.reason = None
+        self.transport = None
+
+    def makeConnection(self, transport):
+        self.transport = transport
+
+    def dataReceived(self, data):
+        self.data.append(data)
+
+    def connectionLost(self, reason):
+        self.reason = reason
+
+
+def close(proto, reason=ConnectionDone):
+    proto.transport.disconnecting = True
+    proto.connectionLost(Failure(reason()))
+
+
+def setup(max_idle=4):
+    reactor = MemoryReactorClock()
+    return reactor, UpstreamPool(reactor, max_idle), FakeEndpoint()
+
+
+def send(pool, endpoint, method=b"GET", body=None, headers=None):
+    headers = headers or Headers({b"Host": [b"b.test"]})
+    return pool.request("k", endpoint, method, b"/p?q=1", headers, body)
+
+
+def result(d):
+    out = []
+    d.addBoth(out.append)
+    assert out, "no result"
+    return out[0]
+
+
+def test_request_written_in_one_piece():
+    _, pool, ep = setup()
+    send(pool, ep, b"POST", b"hello", Headers({b"Host": [b"b.test"], b"X-A": [b"1", b"2"]}))
+    written = ep.protocols[0].transport.value()
+    assert written == (
+        b"POST /p?q=1 HTTP/1.1\r\nHost: b.test\r\nX-A: 1\r\nX-A: 2\r\n"
+        b"Content-Length: 5\r\n\r\nhello"
+    )
+
+
+def test_content_length_response_and_keep_alive_reuse():
+    reactor, pool, ep = setup()
+    d = send(pool, ep)
+    proto = ep.protocols[0]
+    proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nSet-Cookie: a=1\r\n")
+    proto.dataReceived(b"Set-Cookie: b=2\r\nConnection: keep-alive\r\n\r\nhel")
+    response = result(d)
+    assert (response.code, response.phrase, response.length) == (200, b"OK", 5)
+    assert response.headers.getRawHeaders(b"set-cookie") == [b"a=1", b"b=2"]
+    assert not response.headers.hasHeader(b"content-length")
+    assert response.connection_headers.getRawHeaders(b"connection") == [b"keep-alive"]
+    assert proto.transport.producerState == "paused"  # nobody reads the body yet
+    body = Body()
+    response.deliverBody(body)
+    assert proto.transport.producerState == "producing"
+    proto.dataReceived(b"lo")
+    assert b"".join(body.data) == b"hello"
+    assert body.reason.check(ResponseDone)
+    assert len(reactor.getDelayedCalls()) == 1  # the idle timer
+    proto.transport.clear()
+    d2 = send(pool, ep)
+    assert len(ep.protocols) == 1 and proto.reused
+    assert proto.transport.value().startswith(b"GET /p?q=1 HTTP/1.1\r\n")
+    assert not reactor.getDelayedCalls()
+    proto.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert result(d2).code == 204
+
+
+def test_chunked_body():
+    _, pool, ep = setup()
+    d = send(pool, ep)
+    proto = ep.protocols[0]
+    proto.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+    response = result(d)
+    assert response.length is UNKNOWN_LENGTH
+    body = Body()
+    response.deliverBody(body)
+    proto.dataReceived(b"2\r\nde\r\n0\r\n\r\n")
+    assert b"".join(body.data) == b"abcde" and body.reason.check(ResponseDone)
+    assert pool._idle["k"] == [proto]
+
+
+def test_body_complete_before_delivery():
+    _, pool, ep = setup()
+    d = send(pool, ep)
+    ep.protocols[0].dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    body = Body()
+    result(d).deliverBody(body)
+    assert body.data == [b"ok"] and body.reason.check(ResponseDone)
+
+
+def test_close_delimited_body_is_potential_data_loss():
+    _, pool, ep = setup()
+    d = send(pool, ep)
+    proto = ep.protocols[0]
+    proto.dataReceived(b"HTTP/1.1 200 OK\r\n\r\nsome")
+    body = Body()
+    result(d).deliverBody(body)
+    close(proto)
+    assert body.data == [b"some"] and body.reason.check(PotentialDataLoss)
+    assert "k" not in pool._idle or not pool._idle["k"]
+
+
+def test_truncated_body_fails():
+    _, pool, ep = setup()
+    d = send(pool, ep)
+    proto = ep.protocols[0]
+    proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nsome")
+    body = Body()
+    result(d).deliverBody(body)
+    close(proto, ConnectionLost)
+    assert body.reason.check(ResponseFailed)
+
+
+def test_head_response_has_no_body_and_connection_is_reused():
+    _, pool, ep = setup()
+    d = send(pool, ep, b"HEAD")
+    proto = ep.protocols[0]
+    proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+    response = result(d)
+    assert response.length == 0
+    assert response.headers.getRawHeaders(b"content-length") == [b"1000"]
+    body = Body()
+    response.deliverBody(body)
+    assert body.reason.check(ResponseDone) and body.data == []
+    assert pool._idle["k"] == [proto]
+
+
+def test_304_has_no_body():
+    _, pool, ep = setup()
+    d = send(pool, ep)
+    ep.protocols[0].dataReceived(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n")
+    response = result(d)
+    body = Body()
+    response.deliverBody(body)
+    assert response.length == 0 and body.reason.check(ResponseDone)
+
+
+def test_100_continue_skipped():
+    _, pool, ep = setup()
+    d = send(pool, ep, b"POST", b"x")
+    proto = ep.protocols[0]
+    proto.dataReceived(b"HTTP/1.1 100 Continue\r\nX-Interim: 1\r\n\r\n")
+    early = []
+    d.addBoth(lambda r: early.append(r) or r)
+    assert not early
+    proto.dataReceived(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+    response = result(d)
+    assert response.code == 201 and not response.headers.hasHeader(b"x-interim")
+
+
+def test_connection_close_not_reused():
+    _, pool, ep = setup()
+    d = send(pool, ep)
+    proto = ep.protocols[0]
+    proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    assert result(d).code == 200
+    assert proto.transport.disconnecting
+    assert not pool._idle.get("k")
+
+
+def test_http10_not_reused():
+    _, pool, ep = setup()
+    d = send(pool, ep)
+    proto = ep.protocols[0]
+    proto.dataReceived(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert result(d).code == 200 and proto.transport.disconnecting
+
+
+def test_backend_closed_idle_connection_is_dropped():
+    _, pool, ep = setup()
+    d = send(pool, ep)
+    proto = ep.protocols[0]
+    proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    result(d)
+    close(proto)
+    assert not pool._idle["k"]
+    send(pool, ep)
+    assert len(ep.protocols) == 2
+
+
+def test_reused_connection_closed_before_response_is_retried_once():
+    reactor, pool, ep = setup()
+    d = send(pool, ep)
+    first = ep.protocols[0]
+    first.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    result(d)
+    d = send(pool, ep)  # goes out on the idle connection, which the backend has closed
+    close(first, ConnectionLost)
+    assert len(ep.protocols) == 2
+    second = ep.protocols[1]
+    assert second.transport.value().startswith(b"GET /p?q=1 ")
+    second.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert result(d).code == 200
+
+
+def test_cancel_during_retry_aborts_the_new_connection():
+    _, pool, ep = setup()
+    d = send(pool, ep)
+    first = ep.protocols[0]
+    first.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    result(d)
+    d = send(pool, ep)
+    close(first, ConnectionLost)
+    d.cancel()
+    assert result(d).check(CancelledError)
+    assert ep.protocols[1].transport.disconnecting
+
+
+def test_non_idempotent_request_not_retried():
+    _, pool, ep = setup()
+    d = send(pool, ep)
+    first = ep.protocols[0]
+    first.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    result(d)
+    d = send(pool, ep, b"POST", b"x")
+    close(first, ConnectionLost)
+    assert result(d).check(ResponseNeverReceived)
+    assert len(ep.protocols) == 1
+
+
+def test_fresh_connection_failure_not_retried():
+    _, pool, ep = setup()
+    d = send(pool, ep)
+    close(ep.protocols[0], ConnectionLost)
+    assert result(d).check(ResponseNeverReceived)
+    assert len(ep.protocols) == 1
+
+
+def test_failure_after_partial_head_is_response_failed():
+    _, pool, ep = setup()
+    d = send(pool, ep)
+    ep.protocols[0].dataReceived(b"HTTP/1.1 200 OK\r\nContent-")
+    close(ep.protocols[0], ConnectionLost)
+    assert result(d).check(ResponseFailed)
+
+
+def test_garbage_fails_and_aborts():
+    _, pool, ep = setup()
+    d = send(pool, ep)
+    ep.protocols[0].dataReceived(b"NOT HTTP AT ALL\r\n\r\n")
+    assert result(d).check(ResponseFailed)
+    assert ep.protocols[0].transport.disconnecting
+
+
+def test_connect_failure_propagates():
+    _, pool, _ = setup()
+    d = send(pool, FakeEndpoint(refuse=True))
+    assert result(d).check(ConnectionRefusedError)
+
+
+def test_pause_and_resume_reach_the_socket():
+    _, pool, ep = setup()
+    d = send(pool, ep)
+    proto = ep.protocols[0]
+    proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\n")
+    body = Body()
+    result(d).deliverBody(body)
+    body.transport.pauseProducing()
+    assert proto.transport.producerState == "paused"
+    body.transport.resumeProducing()
+    assert proto.transport.producerState == "producing"
+    proto.dataReceived(b"abcdef")
+    assert body.reason.check(ResponseDone)
+    body.transport.stopProducing()  # after the end: the pooled connection is left alone
+    assert not proto.transport.disconnecting and pool._idle["k"] == [proto]
+
+
+def test_stop_producing_aborts_and_ends_body():
+    _, pool, ep = setup()
+    d = send(pool, ep)
+    proto = ep.protocols[0]
+    proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nabc")
+    body = Body()
+    result(d).deliverBody(body)
+    body.transport.stopProducing()
+    assert proto.transport.disconnecting
+    close(proto, ConnectionLost)
+    assert body.reason.check(ResponseFailed)
+    assert not pool._idle.get("k")
+
+
+def test_cancel_before_response_aborts_connection():
+    _, pool, ep = setup()
+    d = send(pool, ep)
+    d.cancel()
+    assert result(d).check(CancelledError)
+    proto = ep.protocols[0]
+    assert proto.transport.disconnecting
+    close(proto, ConnectionLost)  # no second result
+    assert not pool._idle.get("k")
+
+
+def test_cancel_retrying_request():
+    _, pool, ep = setup()
+    d = send(pool, ep)
+    ep.protocols[0].dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    result(d)
+    d = send(pool, ep)
+    d.cancel()
+    assert result(d).check(CancelledError)
+    assert ep.protocols[0].transport.disconnecting
+
+
+def test_idle_connections_time_out_and_close():
+    reactor, pool, ep = setup()
+    d = send(pool, ep)
+    proto = ep.protocols[0]
+    proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    result(d)
+    reactor.advance(60)
+    assert proto.transport.disconnecting
+    close(proto)
+    assert not pool._idle["k"] and not reactor.getDelayedCalls()
+
+
+def test_pool_close_waits_for_idle_connections():
+    reactor, pool, ep = setup()
+    d = send(pool, ep)
+    proto = ep.protocols[0]
+    proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    result(d)
+    closed = pool.close()
+    assert not closed.called and proto.transport.disconnecting
+    close(proto)
+    assert closed.called and not reactor.getDelayedCalls()
+
+
+def test_max_idle():
+    _, pool, ep = setup(max_idle=1)
+    first, second = send(pool, ep), send(pool, ep)
+    for proto in ep.protocols:
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    result(first), result(second)
+    assert len(pool._idle["k"]) == 1
+    assert ep.protocols[1].transport.disconnecting
+
+
+# --- over real sockets, both clients of the forwarder --------------------------
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import inlineCallbacks as _inline
+from twisted.web import resource, server
+
+from gateway.config import Backend, Service
+from gateway.forwarding import ServiceForwarder
+from gateway.upstream import UpstreamResponse
+
+
+class _Origin(resource.Resource):
+    isLeaf = True
+
+    def __init__(self):
+        super().__init__()
+        self.peers = []
+
+    def render(self, request):
+        self.peers.append(request.channel.transport.getPeer().port)
+        request.setHeader(b"x-method", request.method)
+        request.responseHeaders.setRawHeaders(b"set-cookie", [b"a=1", b"b=2"])
+        if request.path == b"/chunked":
+            request.write(b"abc")
+            request.write(b"def")
+            request.finish()
+            return server.NOT_DONE_YET
+        return b"hello " + request.content.read()
+
+
+@pytest.mark.parametrize("lean", [True, False])
+@pytest_twisted.inlineCallbacks
+def test_forwarder_over_sockets(lean):
+    from twisted.internet import reactor
+    from treq import content
+
+    origin = _Origin()
+    port = reactor.listenTCP(0, server.Site(origin), interface="127.0.0.1")
+    backend = Backend.from_url(f"http://127.0.0.1:{port.getHost().port}")
+    forwarder = ServiceForwarder(reactor, Service(name="s", backends=(backend,)), lean=lean)
+    headers = Headers({b"Host": [backend.host_header]})
+    try:
+        r1 = yield forwarder.request(b"GET", backend, b"/", headers, None, 5.0)
+        assert isinstance(r1, UpstreamResponse) is lean
+        assert (yield content(r1)) == b"hello "
+        assert r1.headers.getRawHeaders(b"set-cookie") == [b"a=1", b"b=2"]
+        assert r1.connection_headers.getRawHeaders(b"content-length") == [b"6"]
+        forwarder.limits.release(backend)
+        r2 = yield forwarder.request(b"POST", backend, b"/", headers, b"there", 5.0)
+        assert (yield content(r2)) == b"hello there"
+        forwarder.limits.release(backend)
+        r3 = yield forwarder.request(b"GET", backend, b"/chunked", headers, None, 5.0)
+        assert r3.length is UNKNOWN_LENGTH and (yield content(r3)) == b"abcdef"
+        forwarder.limits.release(backend)
+        r4 = yield forwarder.request(b"HEAD", backend, b"/", headers, None, 5.0)
+        assert (yield content(r4)) == b"" and r4.headers.getRawHeaders(b"x-method") == [b"HEAD"]
+        forwarder.limits.release(backend)
+        r5 = yield forwarder.request(b"GET", backend, b"/", headers, None, 5.0)
+        assert (yield content(r5)) == b"hello "
+        forwarder.limits.release(backend)
+        assert len(set(origin.peers)) == 1  # one kept-alive connection carried them all
+    finally:
+        yield forwarder.close()
+        yield port.stopListening()
