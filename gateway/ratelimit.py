@@ -962,7 +962,8 @@ class RateLimiter:
     @ivar clock: for the probe interval.
     @ivar failure_mode: C{"open"}, C{"closed"} or C{"local"}.
     @ivar fallback: the L{MemoryStore} of C{local}; made on C{clock} when
-        not given.  Its GC is the caller's to start.
+        not given (at the first C{local} decision if C{failure_mode} is
+        another).  Its GC is the caller's to start.
     @ivar probe_interval: seconds between two attempts on a failing store.
     @ivar on_failure: called with the L{Failure} of every failed store call,
         e.g. to increment a metric.
@@ -987,21 +988,31 @@ class RateLimiter:
         if self.failure_mode == "local" and self.fallback is None:
             self.fallback = MemoryStore(self.clock)
 
-    def check(self, key: str, policy: Policy) -> Deferred:
+    def check(
+        self, key: str, policy: Policy, failure_mode: Optional[str] = None
+    ) -> Deferred:
         """
         Count one request of C{key} against C{policy}.
 
         @type key: L{str}
         @type policy: L{TokenBucket} or L{SlidingWindow}
+        @param failure_mode: the C{redis_failure} rule of this request's
+            policy, if not the limiter's own L{failure_mode}: one limiter per
+            store serves policies with different rules, so that an outage is
+            detected, probed and logged once.
         @return: a L{Deferred} that always fires with a L{Decision}, never
             fails (a store failure yields the C{failure_mode} decision).
+        @raise ValueError: an unknown C{failure_mode}.
         """
+        mode = self.failure_mode if failure_mode is None else failure_mode
+        if mode not in FAILURE_MODES:
+            raise ValueError(f"unknown failure mode {mode!r}")
         if self.failing:
             if self._probing or self.clock.seconds() < self._next_probe:
-                return succeed(self._degraded(key, policy))
+                return succeed(self._degraded(key, policy, mode))
             self._probing = True
         d = self.store.check(key, policy)
-        d.addCallbacks(self._succeeded, self._failed, errbackArgs=(key, policy))
+        d.addCallbacks(self._succeeded, self._failed, errbackArgs=(key, policy, mode))
         return d
 
     def _succeeded(self, decision: Decision) -> Decision:
@@ -1017,7 +1028,9 @@ class RateLimiter:
             )
         return decision
 
-    def _failed(self, failure: Failure, key: str, policy: Policy) -> Decision:
+    def _failed(
+        self, failure: Failure, key: str, policy: Policy, mode: str
+    ) -> Decision:
         self.failures += 1
         now = self.clock.seconds()
         if not self.failing:
@@ -1029,7 +1042,7 @@ class RateLimiter:
                 " redis_failure={mode} applies until it recovers",
                 store=str(self.store),
                 reason=failure.getErrorMessage(),
-                mode=self.failure_mode,
+                mode=mode,
             )
         self._probing = False
         self._next_probe = now + self.probe_interval
@@ -1038,17 +1051,18 @@ class RateLimiter:
                 self.on_failure(failure)
             except Exception:
                 _log.failure("rate limit on_failure callback failed")
-        return self._degraded(key, policy)
+        return self._degraded(key, policy, mode)
 
-    def _degraded(self, key: str, policy: Policy) -> Decision:
+    def _degraded(self, key: str, policy: Policy, mode: str) -> Decision:
         """
-        The C{failure_mode} decision for a request the store cannot decide.
+        The C{mode} decision for a request the store cannot decide.
         """
-        if self.failure_mode == "local":
-            assert self.fallback is not None
+        if mode == "local":
+            if self.fallback is None:
+                self.fallback = MemoryStore(self.clock)
             return attrs.evolve(self.fallback.check(key, policy), degraded=True)
         quota = policy.quota
-        if self.failure_mode == "open":
+        if mode == "open":
             return Decision(True, quota, quota, 0.0, 0.0, degraded=True)
         wait = self.probe_interval
         return Decision(False, quota, 0, wait, wait, degraded=True)

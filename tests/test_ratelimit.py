@@ -627,6 +627,26 @@ def test_limiter_survives_a_broken_metrics_callback(clock, captured_logs):
     assert [e for e in captured_logs if "log_failure" in e]
 
 
+def test_limiter_failure_mode_per_call(clock, captured_logs):
+    """
+    One limiter serves policies with different redis_failure rules: each
+    request gets its own rule, the outage is logged once.
+    """
+    store = FakeStore()
+    limiter = RateLimiter(store, clock, "open", probe_interval=60)
+    policy = TokenBucket(rate=1, burst=1)
+    first = limiter.check("a", policy, "closed")
+    fail_with(store.calls[0])
+    assert not first.result.allowed and first.result.degraded
+    assert limiter.check("a", policy).result.allowed  # the limiter's own: open
+    local = [limiter.check("a", policy, "local").result for _ in range(2)]
+    assert [d.allowed for d in local] == [True, False]
+    assert len(store.calls) == 1
+    assert len(by_level(captured_logs, "warn")) == 1
+    with pytest.raises(ValueError):
+        limiter.check("a", policy, "maybe")
+
+
 def test_limiter_refuses_unknown_modes(clock):
     with pytest.raises(ValueError):
         RateLimiter(FakeStore(), clock, "maybe")
