@@ -378,6 +378,35 @@ def test_stop_gc_in_the_middle_of_a_sweep():
     store.stop_gc()
 
 
+def test_memory_is_released_after_large_sweeps(clock, monkeypatch):
+    """
+    After a sweep that dropped at least release_after keys, the C library
+    is asked to give freed memory back (glibc keeps it otherwise).
+    """
+    import gateway.ratelimit as ratelimit
+
+    calls = []
+    monkeypatch.setattr(ratelimit, "release_memory", lambda: calls.append(clock.seconds()))
+    store = MemoryStore(clock, release_after=3)
+    policy = TokenBucket(rate=1, burst=1)
+    for i in range(2):
+        store.check(str(i), policy)
+    clock.advance(1)
+    assert store.gc() == 2 and calls == []  # too few to bother
+    for i in range(3):
+        store.check(str(i), policy)
+    store.start_gc(10)
+    clock.advance(10)
+    assert len(store) == 0 and len(calls) == 1
+    store.stop_gc()
+
+
+def test_release_memory_works_or_says_it_cannot():
+    from gateway.ratelimit import release_memory
+
+    assert release_memory() in (True, False)
+
+
 def test_periodic_gc_survives_an_error(clock, captured_logs):
     store = MemoryStore(clock)
     policy = TokenBucket(rate=1, burst=1)
