@@ -420,3 +420,15 @@ def test_one_limiter_per_redis_server_and_prefix_closed_on_reload():
     assert len(limiter._limiters) == 1
     gw.reload(BASE + "routes:\n  - {name: r, service: svc, rate_limit: {rate: 1}}\n")
     assert limiter._limiters == {} and store.closed
+
+
+def test_cache_hits_count_and_refusals_are_not_cached():
+    """Rate limiting runs before the cache: a hit still takes a token."""
+    gw = gateway("  - {name: r, service: svc, cache: {}, rate_limit: {rate: 0.1, burst: 2}}\n")
+    gw.backend.response_headers = [(b"Cache-Control", b"max-age=60")]
+    first, second, third = (gw.request("GET", "/c") for _ in range(3))
+    assert (first.code, first.header("X-Cache")) == (200, "MISS")
+    assert (second.code, second.header("X-Cache")) == (200, "HIT")
+    assert second.all("RateLimit") == ['"default";r=0;t=20']  # not the stored response's
+    assert third.code == 429
+    assert len(gw.backend.requests) == 1
