@@ -371,6 +371,7 @@ FEATURE_MODULES: list[str] = [
     "gateway.filters.ip_rules",
     "gateway.filters.cors",
     "gateway.filters.auth",
+    "gateway.filters.rate_limit",
     "gateway.cachefilter",
     "gateway.filters.rewrite",
     "gateway.reload",  # config_poll_interval

@@ -393,10 +393,16 @@ class MemoryStore:
     @ivar gc_chunk: how many keys the periodic sweep of L{start_gc} examines
         per reactor turn, so that a million keys never block the reactor for
         long (a full L{gc} of 1,000,000 keys takes 0.2 to 0.5 s).
+    @ivar release_after: after a sweep that dropped at least this many keys,
+        hand the freed memory back to the operating system (L{release_memory}).
+        glibc keeps freed heap memory for reuse: a table of a million keys
+        is 30 MiB that the process would otherwise keep after its keys are
+        gone.
     """
 
     _clock: IReactorTime
     gc_chunk: int = 20_000
+    release_after: int = 10_000
     _tables: dict = attrs.field(factory=dict, init=False)
     _gc_loop: Optional[LoopingCall] = attrs.field(default=None, init=False)
     _sweep_call: Optional[IDelayedCall] = attrs.field(default=None, init=False)
@@ -439,7 +445,12 @@ class MemoryStore:
         counter = [0]
         for _ in self._sweep(counter, chunk=None):
             pass
+        self._swept(counter[0])
         return counter[0]
+
+    def _swept(self, dropped: int) -> None:
+        if dropped >= self.release_after:
+            release_memory()
 
     def start_gc(self, interval: float) -> None:
         """
@@ -488,6 +499,7 @@ class MemoryStore:
                 next(steps)
             except StopIteration:
                 self._sweep_done = None
+                self._swept(counter[0])
                 done.callback(counter[0])
             except BaseException:
                 self._sweep_done = None
@@ -528,6 +540,33 @@ class MemoryStore:
                 elif dropped > len(table):
                     self._tables[policy] = dict(table)
         return
+
+
+_malloc_trim: Optional[Callable[[], object]] = None
+
+
+def release_memory() -> bool:
+    """
+    Give the memory the C library holds free back to the operating system,
+    with glibc's C{malloc_trim(0)} (about a millisecond for a heap of a few
+    hundred MiB).  Python returns its own small-object arenas by itself once
+    they are empty; large blocks such as big dict tables go through malloc,
+    which keeps them for reuse after they are freed.
+
+    @return: whether it could be done (C{False} with another C library).
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            trim = ctypes.CDLL(None).malloc_trim
+            trim.argtypes = [ctypes.c_size_t]
+            trim.restype = ctypes.c_int
+            _malloc_trim = lambda: trim(0)  # noqa: E731
+        except (OSError, AttributeError):
+            _malloc_trim = lambda: None  # noqa: E731
+    return _malloc_trim() is not None
 
 
 # --- Redis --------------------------------------------------------------------
@@ -635,8 +674,8 @@ class StoreUnavailable(Exception):
 
 class IRateLimitStore(Interface):
     """
-    A store that decides asynchronously (L{RedisStore}); to be moved into
-    C{gateway/interfaces.py} when the filter is wired.
+    A store that decides asynchronously (L{RedisStore}, or a fake given
+    to L{gateway.filters.rate_limit.RateLimitFilter} in tests).
     """
 
     def check(key, policy):
@@ -962,7 +1001,8 @@ class RateLimiter:
     @ivar clock: for the probe interval.
     @ivar failure_mode: C{"open"}, C{"closed"} or C{"local"}.
     @ivar fallback: the L{MemoryStore} of C{local}; made on C{clock} when
-        not given.  Its GC is the caller's to start.
+        not given (at the first C{local} decision if C{failure_mode} is
+        another).  Its GC is the caller's to start.
     @ivar probe_interval: seconds between two attempts on a failing store.
     @ivar on_failure: called with the L{Failure} of every failed store call,
         e.g. to increment a metric.
@@ -987,21 +1027,31 @@ class RateLimiter:
         if self.failure_mode == "local" and self.fallback is None:
             self.fallback = MemoryStore(self.clock)
 
-    def check(self, key: str, policy: Policy) -> Deferred:
+    def check(
+        self, key: str, policy: Policy, failure_mode: Optional[str] = None
+    ) -> Deferred:
         """
         Count one request of C{key} against C{policy}.
 
         @type key: L{str}
         @type policy: L{TokenBucket} or L{SlidingWindow}
+        @param failure_mode: the C{redis_failure} rule of this request's
+            policy, if not the limiter's own L{failure_mode}: one limiter per
+            store serves policies with different rules, so that an outage is
+            detected, probed and logged once.
         @return: a L{Deferred} that always fires with a L{Decision}, never
             fails (a store failure yields the C{failure_mode} decision).
+        @raise ValueError: an unknown C{failure_mode}.
         """
+        mode = self.failure_mode if failure_mode is None else failure_mode
+        if mode not in FAILURE_MODES:
+            raise ValueError(f"unknown failure mode {mode!r}")
         if self.failing:
             if self._probing or self.clock.seconds() < self._next_probe:
-                return succeed(self._degraded(key, policy))
+                return succeed(self._degraded(key, policy, mode))
             self._probing = True
         d = self.store.check(key, policy)
-        d.addCallbacks(self._succeeded, self._failed, errbackArgs=(key, policy))
+        d.addCallbacks(self._succeeded, self._failed, errbackArgs=(key, policy, mode))
         return d
 
     def _succeeded(self, decision: Decision) -> Decision:
@@ -1017,7 +1067,9 @@ class RateLimiter:
             )
         return decision
 
-    def _failed(self, failure: Failure, key: str, policy: Policy) -> Decision:
+    def _failed(
+        self, failure: Failure, key: str, policy: Policy, mode: str
+    ) -> Decision:
         self.failures += 1
         now = self.clock.seconds()
         if not self.failing:
@@ -1029,7 +1081,7 @@ class RateLimiter:
                 " redis_failure={mode} applies until it recovers",
                 store=str(self.store),
                 reason=failure.getErrorMessage(),
-                mode=self.failure_mode,
+                mode=mode,
             )
         self._probing = False
         self._next_probe = now + self.probe_interval
@@ -1038,17 +1090,18 @@ class RateLimiter:
                 self.on_failure(failure)
             except Exception:
                 _log.failure("rate limit on_failure callback failed")
-        return self._degraded(key, policy)
+        return self._degraded(key, policy, mode)
 
-    def _degraded(self, key: str, policy: Policy) -> Decision:
+    def _degraded(self, key: str, policy: Policy, mode: str) -> Decision:
         """
-        The C{failure_mode} decision for a request the store cannot decide.
+        The C{mode} decision for a request the store cannot decide.
         """
-        if self.failure_mode == "local":
-            assert self.fallback is not None
+        if mode == "local":
+            if self.fallback is None:
+                self.fallback = MemoryStore(self.clock)
             return attrs.evolve(self.fallback.check(key, policy), degraded=True)
         quota = policy.quota
-        if self.failure_mode == "open":
+        if mode == "open":
             return Decision(True, quota, quota, 0.0, 0.0, degraded=True)
         wait = self.probe_interval
         return Decision(False, quota, 0, wait, wait, degraded=True)

@@ -378,6 +378,35 @@ def test_stop_gc_in_the_middle_of_a_sweep():
     store.stop_gc()
 
 
+def test_memory_is_released_after_large_sweeps(clock, monkeypatch):
+    """
+    After a sweep that dropped at least release_after keys, the C library
+    is asked to give freed memory back (glibc keeps it otherwise).
+    """
+    import gateway.ratelimit as ratelimit
+
+    calls = []
+    monkeypatch.setattr(ratelimit, "release_memory", lambda: calls.append(clock.seconds()))
+    store = MemoryStore(clock, release_after=3)
+    policy = TokenBucket(rate=1, burst=1)
+    for i in range(2):
+        store.check(str(i), policy)
+    clock.advance(1)
+    assert store.gc() == 2 and calls == []  # too few to bother
+    for i in range(3):
+        store.check(str(i), policy)
+    store.start_gc(10)
+    clock.advance(10)
+    assert len(store) == 0 and len(calls) == 1
+    store.stop_gc()
+
+
+def test_release_memory_works_or_says_it_cannot():
+    from gateway.ratelimit import release_memory
+
+    assert release_memory() in (True, False)
+
+
 def test_periodic_gc_survives_an_error(clock, captured_logs):
     store = MemoryStore(clock)
     policy = TokenBucket(rate=1, burst=1)
@@ -625,6 +654,26 @@ def test_limiter_survives_a_broken_metrics_callback(clock, captured_logs):
     fail_with(store.calls[0])
     assert d.result.allowed and d.result.degraded
     assert [e for e in captured_logs if "log_failure" in e]
+
+
+def test_limiter_failure_mode_per_call(clock, captured_logs):
+    """
+    One limiter serves policies with different redis_failure rules: each
+    request gets its own rule, the outage is logged once.
+    """
+    store = FakeStore()
+    limiter = RateLimiter(store, clock, "open", probe_interval=60)
+    policy = TokenBucket(rate=1, burst=1)
+    first = limiter.check("a", policy, "closed")
+    fail_with(store.calls[0])
+    assert not first.result.allowed and first.result.degraded
+    assert limiter.check("a", policy).result.allowed  # the limiter's own: open
+    local = [limiter.check("a", policy, "local").result for _ in range(2)]
+    assert [d.allowed for d in local] == [True, False]
+    assert len(store.calls) == 1
+    assert len(by_level(captured_logs, "warn")) == 1
+    with pytest.raises(ValueError):
+        limiter.check("a", policy, "maybe")
 
 
 def test_limiter_refuses_unknown_modes(clock):
