@@ -110,6 +110,7 @@ from gateway.config import (
 )
 from gateway.forwarding import UpstreamError, copy_response_headers, upstream_headers
 from gateway.pipeline import Answer, register_filter
+from gateway.proxy import apply_upstream_headers, route_path
 from gateway.redisconf import RedisConfig
 from gateway.routing import normalise_path, split_target
 
@@ -416,17 +417,16 @@ def response_fields(response) -> list:
     return headers_from_twisted(headers)
 
 
-def backend_target(route, path: bytes, query: bytes) -> bytes:
+def backend_target(route, context) -> bytes:
     """
-    The path and query a request for C{path} is sent to the backend with
-    (the route's C{strip_prefix} applied), as L{gateway.proxy.ProxyResource}
-    does.
+    The path and query the request of C{context} is sent to the backend
+    with: a rewrite filter's path if one set it, else the route's
+    C{strip_prefix} applied, as L{gateway.proxy.ProxyResource} does.
     """
-    if route.strip_prefix and route.match.path_prefix != "/":
-        path = path[len(route.match.path_prefix.encode("utf-8")):] or b"/"
-        if not path.startswith(b"/"):
-            path = b"/" + path
-    return path + query
+    path = context.upstream_path
+    if path is None:
+        path = route_path(route, context.path)
+    return path + context.query
 
 
 def _replace_conditionals(headers: Headers, conditional: Iterable[Tuple[bytes, bytes]]) -> None:
@@ -842,12 +842,15 @@ class CacheFilter:
             backend=backend,
         )
         forwarded.setRawHeaders(b"X-Request-Id", [context.request_id.encode("ascii")])
+        # What earlier filters decided for the upstream request: auth's
+        # credential stripping and claim headers, trace context, rewrites.
+        apply_upstream_headers(forwarded, context.upstream_remove, context.upstream_headers)
         cap = route_cache(route).policy.max_object_size
         sent = self._clock.seconds()
         d = runtime.forwarder.request(
             b"GET",
             backend,
-            backend_target(route, context.path, context.query),
+            backend_target(route, context),
             forwarded,
             None,
             runtime.service.timeouts.response,

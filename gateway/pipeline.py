@@ -8,8 +8,12 @@ forwarded, and their C{on_response} just before response headers go out.
 The documented order:
 
     0 request ID (core)  5 trace context and access log  20 IP rules
-    30 CORS  40 auth  50 rate limit  60 cache  70 circuit breaker
-    80 rewrite  then forward
+    30 CORS  40 auth  50 rate limit  55 rewrite  60 cache
+    70 circuit breaker  then forward
+
+(Rewrite comes before the cache so that the cache's own backend fetches,
+for collapsed misses and revalidation, go to the rewritten path with the
+rewritten and credential-stripped headers.)
 
 (15 security headers has only C{on_response}.) C{on_response} runs in the
 same order, so a later filter has the last word on a response header.

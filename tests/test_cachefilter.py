@@ -117,9 +117,23 @@ def test_stats_count_labels_per_route_and_read_memory_stores():
     assert data["evictions"] == store.evictions >= 1
 
 
+def _context(path, query=b"", upstream_path=None):
+    from gateway.proxy import RequestContext
+
+    context = RequestContext("id", b"GET", path, "127.0.0.1", 0.0)
+    context.query = query
+    context.upstream_path = upstream_path
+    return context
+
+
 def test_backend_target_strips_the_prefix_like_the_proxy():
     stripped = Route("r", RouteMatch(path_prefix="/api"), "s", strip_prefix=True)
     kept = Route("r", RouteMatch(path_prefix="/api"), "s")
-    assert backend_target(stripped, b"/api/items", b"?x=1") == b"/items?x=1"
-    assert backend_target(stripped, b"/api", b"") == b"/"
-    assert backend_target(kept, b"/api/items", b"") == b"/api/items"
+    assert backend_target(stripped, _context(b"/api/items", b"?x=1")) == b"/items?x=1"
+    assert backend_target(stripped, _context(b"/api")) == b"/"
+    assert backend_target(kept, _context(b"/api/items")) == b"/api/items"
+
+
+def test_backend_target_takes_a_rewritten_path():
+    route = Route("r", RouteMatch(path_prefix="/api"), "s", strip_prefix=True)
+    assert backend_target(route, _context(b"/api/items", b"?q", upstream_path=b"/v2/items")) == b"/v2/items?q"

@@ -20,8 +20,12 @@ def test_documented_order():
     mine = ["security_headers", "ip_rules", "cors", "auth", "rewrite"]
     assert [name for name in order if name in mine] == mine
     assert {n: FILTERS[n].order for n in mine} == {
-        "security_headers": 15, "ip_rules": 20, "cors": 30, "auth": 40, "rewrite": 80,
+        "security_headers": 15, "ip_rules": 20, "cors": 30, "auth": 40, "rewrite": 55,
     }
+    # the whole documented pipeline
+    assert [n for n in order if n in ("observe", "auth", "rate_limit", "rewrite", "cache")] == [
+        "observe", "auth", "rate_limit", "rewrite", "cache"
+    ]
 
 
 def test_ip_rules_come_before_cors_and_auth():

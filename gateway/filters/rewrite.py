@@ -46,7 +46,7 @@ from gateway.pipeline import register_filter
 from gateway.proxy import route_path
 
 NAME = "rewrite"
-ORDER = 80
+ORDER = 55  # before the cache, whose own backend fetches use the rewritten path
 
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _FIELD_VALUE = re.compile(r"^[\t\x20-\x7e]*$")
