@@ -429,6 +429,20 @@ def backend_target(route, context) -> bytes:
     return path + context.query
 
 
+def _entry_of(fetched: "Fetched", x: "_Exchange") -> Optional[CachedResponse]:
+    """The storable entry of a response the cache fetched itself, or None."""
+    return make_entry(
+        b"GET",
+        x.request_headers,
+        fetched.status,
+        fetched.headers,
+        fetched.body,
+        fetched.request_time,
+        fetched.response_time,
+        x.conf.policy,
+    )
+
+
 def _replace_conditionals(headers: Headers, conditional: Iterable[Tuple[bytes, bytes]]) -> None:
     for name in CLIENT_CONDITIONAL_FIELDS:
         headers.removeHeader(name)
@@ -903,16 +917,7 @@ class CacheFilter:
             if entry is not None:
                 self.stats.revalidated += 1
         elif fetched.body is not None:
-            entry = make_entry(
-                b"GET",
-                x.request_headers,
-                fetched.status,
-                fetched.headers,
-                fetched.body,
-                fetched.request_time,
-                fetched.response_time,
-                policy,
-            )
+            entry = _entry_of(fetched, x)
         if entry is not None:
             self._keep(x, entry, now)
         elif fetched.status < 500 and fetched.status != 304:
@@ -936,16 +941,7 @@ class CacheFilter:
             if fetched.body is None:
                 x.settle(None)
                 return Answer.error_(502, "backend sent a mismatched 304 and a body too large to buffer")
-            entry = make_entry(
-                b"GET",
-                x.request_headers,
-                fetched.status,
-                fetched.headers,
-                fetched.body,
-                fetched.request_time,
-                fetched.response_time,
-                x.conf.policy,
-            )
+            entry = _entry_of(fetched, x)
             if entry is not None:
                 self._keep(x, entry, self._clock.seconds())
             x.settle(entry)
