@@ -908,7 +908,6 @@ class CacheFilter:
 
     def _revalidated(self, fetched: Fetched, x: _Exchange) -> Optional[CachedResponse]:
         now = self._clock.seconds()
-        policy = x.conf.policy
         entry = None
         if fetched.status == 304:
             entry = freshen(
