@@ -22,6 +22,12 @@ memory is reused rather than grown.
 Usage: bench/ratelimit_rss.py [-n 1000000] [--idle 400] [--algorithm token_bucket|sliding_window]
                               [--connections 32] [--threads 2] [--rounds 1]
 
+The environment is passed on to the gateway: C{PYTHONMALLOC=malloc
+bench/ratelimit_rss.py} measures a gateway whose objects all come from the C
+library's malloc, which the store's GC can hand back to the system
+(L{gateway.ratelimit.release_memory}), instead of CPython's small-object
+arenas, which are only freed when wholly empty.
+
 Needs wrk (apt install wrk).  Everything runs on 127.0.0.1 and is stopped by
 PID at the end.
 """
