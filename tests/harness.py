@@ -226,3 +226,40 @@ def closed_port() -> int:
     port = s.getsockname()[1]
     s.close()
     return port
+
+
+def redis_key_prefix(scope: str):
+    """
+    A generator for a pytest fixture: yields a Redis key prefix unique to
+    this run (C{txgateway-test:SCOPE:...:}), then deletes every key under it
+    on 127.0.0.1:6379, so tests that share the Redis never collide.
+    """
+    import uuid
+
+    import redis
+
+    prefix = f"txgateway-test:{scope}{uuid.uuid4().hex[:12]}:"
+    yield prefix
+    client = redis.Redis(host="127.0.0.1", port=6379)
+    keys = list(client.scan_iter(match=prefix + "*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+class BodyRecorder:
+    """A response-body protocol that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.data: list = []
+        self.reason = None
+        self.transport = None
+
+    def makeConnection(self, transport) -> None:
+        self.transport = transport
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data.append(data)
+
+    def connectionLost(self, reason) -> None:
+        self.reason = reason

@@ -20,7 +20,7 @@ import pytest
 import redis
 
 from gateway.demo_backend import pattern_bytes
-from tests.harness import Backend, Gateway, closed_port, get, request, rss_kib, wait_for
+from tests.harness import redis_key_prefix, Backend, Gateway, closed_port, get, request, rss_kib, wait_for
 
 STALE_AFTER = 2.2  # seconds after which a max-age=1 response is stale
 
@@ -67,13 +67,7 @@ routes:
 
 @pytest.fixture(scope="module")
 def redis_prefix():
-    prefix = f"txgateway-test:{uid()}:"
-    yield prefix
-    client = redis.Redis(host="127.0.0.1", port=6379)
-    keys = list(client.scan_iter(match=prefix + "*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
+    yield from redis_key_prefix("")
 
 
 @pytest.fixture(scope="module")

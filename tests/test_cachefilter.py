@@ -14,6 +14,7 @@ from gateway.cache import CachedResponse
 from gateway.cachefilter import HIT, MISS, CacheStats, TeeResponse, backend_target, collect_capped
 from gateway.cachestore import MemoryCacheStore
 from gateway.config import Route, RouteMatch
+from tests.harness import BodyRecorder
 
 
 class FakeTransport:
@@ -43,20 +44,7 @@ class FakeResponse:
         protocol.connectionLost(Failure(self.reason))
 
 
-class Recorder:
-    def __init__(self):
-        self.data = []
-        self.reason = None
-        self.transport = None
-
-    def makeConnection(self, transport):
-        self.transport = transport
-
-    def dataReceived(self, data):
-        self.data.append(data)
-
-    def connectionLost(self, reason):
-        self.reason = reason
+Recorder = BodyRecorder
 
 
 def tee(chunks, cap, reason=ResponseDone()):

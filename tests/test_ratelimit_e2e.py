@@ -20,7 +20,7 @@ from collections import Counter
 import pytest
 import redis
 
-from tests.harness import Gateway, closed_port, get, wait_for
+from tests.harness import redis_key_prefix, Gateway, closed_port, get, wait_for
 
 #: The longest one request may take while Redis is down or hung, seconds:
 #: the store's timeout (250 ms here) plus a margin for a loaded machine.
@@ -57,13 +57,7 @@ def limiter_stats(gw: Gateway) -> dict:
 
 @pytest.fixture(scope="module")
 def redis_prefix():
-    prefix = f"txgateway-test:rl:{uid()}:"
-    yield prefix
-    client = redis.Redis(host="127.0.0.1", port=6379)
-    keys = list(client.scan_iter(match=prefix + "*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
+    yield from redis_key_prefix("rl:")
 
 
 # --- one gateway, memory store -------------------------------------------------------

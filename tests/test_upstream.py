@@ -11,6 +11,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from gateway.upstream import UpstreamPool
+from tests.harness import BodyRecorder
 
 
 class FakeEndpoint:
@@ -31,20 +32,7 @@ class FakeEndpoint:
         return succeed(proto)
 
 
-class Body:
-    def __init__(self):
-        self.data = []
-        self.reason = None
-        self.transport = None
-
-    def makeConnection(self, transport):
-        self.transport = transport
-
-    def dataReceived(self, data):
-        self.data.append(data)
-
-    def connectionLost(self, reason):
-        self.reason = reason
+Body = BodyRecorder
 
 
 def close(proto, reason=ConnectionDone):
