@@ -87,7 +87,7 @@ class Context:
         self.tmpdir = tmpdir
         self.processes = processes
         self.origin = origin
-        self._gateway_help = None
+        self._gateway_help = {}
         #: Request headers of the row being measured (C{bench-header}).
         self.headers = []
 
@@ -99,28 +99,30 @@ class Context:
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
-    def gateway_available(self):
+    def gateway_available(self, python=None):
         """
-        Whether C{twistd --help}, run as the gateway row will run it, lists
-        a C{gateway} command.  Cached.
+        Whether C{twistd --help}, run as the gateway row will run it (with
+        C{python}, default the bench's), lists a C{gateway} command.  Cached
+        per interpreter.
 
         @raise Unavailable: if not.
         """
-        if self._gateway_help is None:
+        python = python or self.python
+        if python not in self._gateway_help:
             try:
                 done = subprocess.run(
-                    [self.python, "-c", TWISTD, "--help"],
+                    [python, "-c", TWISTD, "--help"],
                     cwd=REPO,
                     env=self.env(),
                     capture_output=True,
                     text=True,
                     timeout=60,
                 )
-                self._gateway_help = done.stdout + done.stderr
+                self._gateway_help[python] = done.stdout + done.stderr
             except (OSError, subprocess.TimeoutExpired) as e:
-                self._gateway_help = f"twistd --help failed: {e}"
-        if not re.search(r"^\s+gateway\s", self._gateway_help, re.M):
-            raise Unavailable("not available: twistd lists no 'gateway' plugin yet")
+                self._gateway_help[python] = f"twistd --help failed: {e}"
+        if not re.search(r"^\s+gateway\s", self._gateway_help[python], re.M):
+            raise Unavailable(f"not available: {python} twistd lists no 'gateway' plugin")
 
 
 # Each launcher returns (argv, env, cwd) for the peer listening on port, or
@@ -182,7 +184,8 @@ def launch_gateway(ctx, port, variant):
     L{GATEWAY_TEMPLATE} or from the C{--gateway-config} file for this
     variant.
     """
-    ctx.gateway_available()
+    python = ctx.args.gateway_pythons.get(variant, ctx.python)
+    ctx.gateway_available(python)
     template_path = ctx.args.gateway_configs.get(variant)
     if template_path:
         with open(template_path) as f:
@@ -206,9 +209,10 @@ def launch_gateway(ctx, port, variant):
             ctx.headers.append(value)
         elif key == "twistd-arg":
             twistd_args.append(value)
-    argv = [ctx.python, "-c", TWISTD, "-n", "--pidfile=", *twistd_args,
+    argv = [python, "-c", TWISTD, "-n", "--pidfile=", *twistd_args,
             "gateway", "--config", path]
     env = ctx.env()
+    env.update(ctx.args.gateway_envs.get(variant, {}))
     env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], HERE])  # bench/jsonlog.py
     return argv, env, REPO
 
@@ -574,6 +578,16 @@ def parse_args(argv=None):
         "placeholders.  FILE alone replaces the generated config of the gateway row; "
         "NAME=FILE adds a row 'gateway [NAME]' (repeatable, e.g. filters=on.yaml)",
     )
+    p.add_argument(
+        "--gateway-python", action="append", default=[], metavar="NAME=PATH",
+        help="interpreter for the gateway row NAME (e.g. typical-pypy=pypy3); "
+        "its twistd must list the gateway plugin",
+    )
+    p.add_argument(
+        "--gateway-env", action="append", default=[], metavar="NAME:VAR=VALUE",
+        help="environment variable for the gateway row NAME only "
+        "(e.g. malloc:PYTHONMALLOC=malloc)",
+    )
     p.add_argument("--python", default=os.environ.get("PYTHON") or sys.executable,
                    help="interpreter for the Python peers and twistd ($PYTHON or this one)")
     p.add_argument("--proxy-cpu", type=int, help="core for the proxy (first allowed core)")
@@ -604,6 +618,19 @@ def parse_args(argv=None):
             p.error(f"--gateway-config: no such file {path}")
         configs[name] = path
     args.gateway_configs = configs
+    args.gateway_pythons = {}
+    for spec in args.gateway_python:
+        name, sep, path = spec.partition("=")
+        if not sep or name not in configs:
+            p.error(f"--gateway-python {spec}: NAME must be a --gateway-config row")
+        args.gateway_pythons[name] = path
+    args.gateway_envs = {}
+    for spec in args.gateway_env:
+        name, sep, assignment = spec.partition(":")
+        var, eq, value = assignment.partition("=")
+        if not sep or not eq or not var or name not in configs:
+            p.error(f"--gateway-env {spec}: want NAME:VAR=VALUE for a --gateway-config row")
+        args.gateway_envs.setdefault(name, {})[var] = value
     # (peer, variant) pairs in run order; variants right after the gateway.
     variants = [("gateway", n) for n in configs if n is not None]
     ordered = []
@@ -730,6 +757,8 @@ def main(argv=None):
                 "large_size": args.large_size,
                 "proxy_cpu": args.proxy_cpu,
                 "load_cpu": args.load_cpu,
+                "gateway_pythons": args.gateway_pythons,
+                "gateway_envs": args.gateway_envs,
                 "gateway_configs": args.gateway_configs and {
                     str(k): v for k, v in args.gateway_configs.items()
                 },
