@@ -118,8 +118,24 @@ def test_plan_puts_variants_after_gateway(tmp_path):
 
 def test_gateway_row_not_available_without_plugin():
     ctx = run.Context(run.parse_args(["--no-pin"]), "/nonexistent", None, None)
-    ctx._gateway_help = "Commands:\n    conch   A Conch SSH service.\n    dns   DNS.\n"
+    ctx._gateway_help[ctx.python] = "Commands:\n    conch   A Conch SSH service.\n    dns   DNS.\n"
     with pytest.raises(run.Unavailable, match="not available"):
         ctx.gateway_available()
-    ctx._gateway_help = "Commands:\n    gateway          HTTP API gateway.\n"
+    ctx._gateway_help[ctx.python] = "Commands:\n    gateway          HTTP API gateway.\n"
     ctx.gateway_available()
+
+
+def test_gateway_rows_take_their_own_interpreter_and_environment(tmp_path):
+    f = tmp_path / "on.yaml"
+    f.write_text("listen: tcp:0\n")
+    args = run.parse_args([
+        "--peers", "gateway", "--no-pin",
+        "--gateway-config", f"pypy={f}", "--gateway-python", "pypy=/usr/bin/pypy3",
+        "--gateway-config", f"malloc={f}", "--gateway-env", "malloc:PYTHONMALLOC=malloc",
+    ])
+    assert args.gateway_pythons == {"pypy": "/usr/bin/pypy3"}
+    assert args.gateway_envs == {"malloc": {"PYTHONMALLOC": "malloc"}}
+    with pytest.raises(SystemExit):
+        run.parse_args(["--gateway-python", "nosuchrow=/usr/bin/pypy3"])
+    with pytest.raises(SystemExit):
+        run.parse_args(["--gateway-config", f"malloc={f}", "--gateway-env", "malloc:NOEQUALS"])
