@@ -101,6 +101,22 @@ class Options(usage.Options):
         ["check", None, "Validate the config file, print a summary or the errors, and exit."],
     ]
 
+    def parseOptions(self, options=None) -> None:
+        """
+        Parse the command line; refuse bad options or a bad config file with
+        exit status 1 and the reason on standard error.
+
+        twistd before Twisted 26 prints a L{usage.UsageError} and exits 0,
+        which would tell systemd (and scripts) that a refused config started;
+        so the error is turned into L{SystemExit} here, on every Twisted.
+
+        @raise SystemExit: with the message, on a usage or config error.
+        """
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            raise SystemExit(f"{os.path.basename(sys.argv[0])} gateway: {e}")
+
     def postOptions(self) -> None:
         path = self["config"]
         if path is None:
