@@ -889,5 +889,21 @@ class GatewaySite(server.Site):
         super().__init__(ProxyResource(gateway), **kwargs)
         self.gateway = gateway
 
+    def acceptableProtocols(self) -> list[bytes]:
+        """
+        The protocols this site offers by ALPN: without C{h2} when the
+        listener's C{tls.http2} is false.  Twisted before 26 sets the site's
+        list on every server TLS connection, replacing the listener's own
+        ALPN choice (L{gateway.tls}); this keeps the two in agreement.
+
+        @return: protocol names, most preferred first, e.g.
+            C{[b"h2", b"http/1.1"]}.
+        """
+        protocols = super().acceptableProtocols()
+        tls = self.gateway.snapshot.config.options.get("tls")
+        if tls is not None and not tls.http2:
+            protocols = [p for p in protocols if p != b"h2"]
+        return protocols
+
     def log(self, request) -> None:
         """Access logging is done by the gateway's request observers."""
