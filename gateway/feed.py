@@ -23,8 +23,10 @@ capped at about the same size. The number of browsers is bounded too
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
+from array import array
 from bisect import bisect_left
 from collections import deque
 from itertools import islice
@@ -95,6 +97,60 @@ class _Window:
         self.latency = [0] * (len(LATENCY_BOUNDS) + 1)
 
 
+class _Series:
+    """
+    The latest one-second summary points, in a ring of C{history} slots
+    allocated once: one C{array} per field, written in place by L{append}.
+
+    A C{deque} of point dicts would hold, at any time, the objects of the
+    last C{history} ticks (a dict and four floats each): a few per second,
+    each allocated wherever the heap had room then, which under load is
+    among the objects of requests and rate-limit keys. Kept for minutes,
+    they pin CPython's small-object pools and arenas, which are returned
+    to the system only once wholly empty: after a million rate-limit keys
+    were collected, those ticks kept tens of MiB resident. The arrays hold
+    plain numbers, not objects; the dicts are built only for a browser
+    that connects (L{__iter__}).
+    """
+
+    _FLOATS = ("t", "rps", "p50_ms", "p99_ms")  # None is stored as NaN
+    _INTS = ("requests", "errors", "rate_limited", "cached")
+
+    def __init__(self, history: int) -> None:
+        self.maxlen = history
+        self._floats = tuple(array("d", bytes(8 * history)) for _ in self._FLOATS)
+        self._ints = tuple(array("q", bytes(8 * history)) for _ in self._INTS)
+        self._next = 0
+        self._len = 0
+
+    def append(self, point: dict) -> None:
+        """Keep C{point}'s values (the keys of L{_FLOATS} and L{_INTS}), dropping the oldest."""
+        i = self._next
+        for column, name in zip(self._floats, self._FLOATS):
+            value = point[name]
+            column[i] = math.nan if value is None else value
+        for column, name in zip(self._ints, self._INTS):
+            column[i] = point[name]
+        self._next = (i + 1) % self.maxlen
+        self._len = min(self._len + 1, self.maxlen)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self):
+        """The points kept, oldest first, as new dicts."""
+        start = (self._next - self._len) % self.maxlen
+        for k in range(self._len):
+            i = (start + k) % self.maxlen
+            point = {}
+            for column, name in zip(self._floats, self._FLOATS):
+                value = column[i]
+                point[name] = None if math.isnan(value) else value
+            for column, name in zip(self._ints, self._INTS):
+                point[name] = column[i]
+            yield point
+
+
 class RequestFeed:
     """
     The latest requests and per-second summaries, pushed to browsers.
@@ -121,7 +177,8 @@ class RequestFeed:
         self._gateway = gateway
         self._clock = clock
         self.recent: deque = deque(maxlen=recent)
-        self.series: deque = deque(maxlen=history)
+        #: The one-second summaries, kept in place (see L{_Series}).
+        self.series = _Series(history)
         self.client_buffer = client_buffer
         self.max_clients = max_clients
         self.clients: set = set()

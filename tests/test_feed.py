@@ -1,10 +1,12 @@
 """Tests for gateway.feed: the dashboard's request feed and event streams."""
 
 import json
+import tracemalloc
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
+from gateway import feed as feed_module
 from gateway.feed import FLUSH_INTERVAL, LATENCY_BOUNDS, EventStream, RequestFeed, encode_event, percentile
 from gateway.state import Gateway
 from tests.contexts import config, finished
@@ -124,6 +126,48 @@ def test_recent_rows_bounded_and_in_hello():
     feed.flush()  # 50 new rows, only the 5 kept are sent
     ((_, rows),) = request.events()
     assert len(rows) == 5
+
+
+def test_series_bounded_and_in_hello_oldest_first():
+    clock, gateway, feed = make_feed(history=10)
+    c = gateway.snapshot.config
+    for second in range(25):
+        for _ in range(second):
+            feed.observe(finished(c, duration=0.010))
+        clock.advance(1)
+        feed.tick()
+    series = feed.hello()["series"]
+    assert [p["requests"] for p in series] == list(range(15, 25))
+    assert [p["t"] for p in series] == [1000.0 + s for s in range(16, 26)]
+    assert series[0]["p50_ms"] is not None and series[-1]["rps"] == 24.0
+    clock.advance(1)
+    assert feed.tick()["p50_ms"] is None  # no request in that second
+    assert list(feed.series)[-1]["p50_ms"] is None and len(feed.series) == 10
+
+
+def test_series_keeps_no_objects_of_past_ticks():
+    """
+    The history holds numbers in place, not each tick's objects: those,
+    kept for minutes and allocated among the requests', would pin the
+    interpreter's memory arenas after a load is gone (docs/ratelimit.rst,
+    "Memory").
+    """
+    clock, gateway, feed = make_feed(history=50)
+    for _ in range(50):
+        clock.advance(1)
+        feed.tick()
+    tracemalloc.start()
+    try:
+        for _ in range(100):
+            clock.advance(1.5)
+            feed.tick()
+        snapshot = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    kept = snapshot.filter_traces([tracemalloc.Filter(True, feed_module.__file__)])
+    # the current second's window and its latency counts: nothing per tick
+    assert sum(s.count for s in kept.statistics("filename")) <= 5
+    assert len(feed.series) == 50
 
 
 def test_paused_client_queue_is_bounded_and_drops_oldest():
