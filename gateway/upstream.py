@@ -177,6 +177,13 @@ class UpstreamProtocol(Protocol):
         self._retry = None
         self._again: Optional[Deferred] = None
         self._again_for: Optional[Deferred] = None
+        # The body fast path: bytes of a Content-Length body still to come,
+        # handed to the response without the parser; None when parsing.
+        self._body_left: Optional[int] = None
+        self._chunk = b""  # what the parser is being fed
+        self._tail = b""  # the last 3 bytes fed before it
+        self._interim = False  # a 1xx response came first
+        self._body_start = 0  # where the body begins in the chunk
 
     def connectionMade(self) -> None:
         self.connected_ = True
@@ -208,6 +215,9 @@ class UpstreamProtocol(Protocol):
         self._ready = None
         self._names = []
         self._fields = []
+        self._body_left = None
+        self._tail = b""
+        self._interim = False
         self._parser = httptools.HttpResponseParser(self)
         lines = [method, b" ", path, b" HTTP/1.1\r\n"]
         for name, values in headers.getAllRawHeaders():
@@ -255,6 +265,7 @@ class UpstreamProtocol(Protocol):
         self._names = []
         self._fields = []
         if code < 200:
+            self._interim = True
             return  # 100 Continue and the like: ignored, the final one follows
         headers: dict = {}
         control: dict = {}
@@ -290,6 +301,19 @@ class UpstreamProtocol(Protocol):
         if head:
             self._message_complete()
             raise _Stop()
+        if length is not UNKNOWN_LENGTH and length > 0 and not self._interim:
+            # The body fast path: a body of known length is handed on as
+            # it arrives, without the parser, which would copy every chunk
+            # (through cpyext on PyPy: a third of the CPU for 1 MiB bodies).
+            # The head ends at the first CRLFCRLF of this response's bytes
+            # (a field value holds no CRLF); the parser is stopped there.
+            joined = self._tail + self._chunk
+            end = joined.find(b"\r\n\r\n")
+            if end >= 0:
+                self._body_left = length
+                self._body_start = end + 4 - len(self._tail)
+                raise _Stop()
+            # Bare LF line ends (accepted by llhttp): the parser goes on.
 
     def on_body(self, body: bytes) -> None:
         if self._response is not None:
@@ -310,19 +334,48 @@ class UpstreamProtocol(Protocol):
 
     # -- receiving
 
+    def _take_body(self, data: bytes) -> None:
+        """Hand on bytes of a Content-Length body (the fast path)."""
+        left = self._body_left
+        size = len(data)
+        if size < left:
+            self._body_left = left - size
+            if size:
+                self._response._body(data)
+            return
+        self._body_left = None
+        if size > left:
+            self._keep_alive = False  # bytes nobody asked for: do not reuse
+            data = data[:left]
+        self._response._body(data)
+        self._message_complete()
+
     def dataReceived(self, data: bytes) -> None:
         self._received = True
+        if self._body_left is not None:
+            self._take_body(data)
+            self._after_data()
+            return
+        self._chunk = data
         try:
             self._parser.feed_data(data)
         except _Stop:
-            pass
+            if self._body_left is not None:
+                self._take_body(data[self._body_start:])
         except httptools.HttpParserCallbackError as e:
             if not isinstance(e.__context__, _Stop):
                 self._fail(Failure())
                 return
+            if self._body_left is not None:
+                self._take_body(data[self._body_start:])
         except Exception:
             self._fail(Failure())
             return
+        self._chunk = b""
+        self._tail = (self._tail + data)[-3:]
+        self._after_data()
+
+    def _after_data(self) -> None:
         # The response is handed over only now, outside the parser: its
         # reader may send the next request or stop this one, and the
         # connection is back in the pool first if the response is complete.

@@ -118,6 +118,94 @@ def test_body_complete_before_delivery():
     assert body.data == [b"ok"] and body.reason.check(ResponseDone)
 
 
+def _read_all(proto, d):
+    body = Body()
+    result(d).deliverBody(body)
+    return body
+
+
+def test_known_length_body_bypasses_the_parser_in_any_split():
+    """The Content-Length fast path hands the body on unchanged however the
+    bytes are split, including a head whose CRLFCRLF straddles two reads,
+    and the connection is reused for the next request."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nX-A: 1\r\n\r\n"
+    wire = head + b"0123456789"
+    for cut in range(1, len(wire)):
+        for second in (cut, min(cut + 3, len(wire))):
+            _, pool, ep = setup()
+            d = send(pool, ep)
+            proto = ep.protocols[0]
+            proto.dataReceived(wire[:cut])
+            proto.dataReceived(wire[cut:second])
+            proto.dataReceived(wire[second:])
+            response = result(d)
+            assert response.headers.getRawHeaders(b"x-a") == [b"1"]
+            body = Body()
+            response.deliverBody(body)
+            assert b"".join(body.data) == b"0123456789", (cut, second)
+            assert body.reason.check(ResponseDone)
+            assert pool._idle["k"] == [proto], (cut, second)
+
+
+def test_known_length_body_does_not_copy_whole_reads():
+    _, pool, ep = setup()
+    d = send(pool, ep)
+    proto = ep.protocols[0]
+    proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nab")
+    body = _read_all(proto, d)
+    chunk = b"cdef"
+    proto.dataReceived(chunk)
+    assert body.data[-1] is chunk
+    proto.dataReceived(b"gh")
+    assert b"".join(body.data) == b"abcdefgh" and body.reason.check(ResponseDone)
+
+
+def test_bytes_past_a_known_length_are_dropped_and_the_connection_closed():
+    _, pool, ep = setup()
+    d = send(pool, ep)
+    proto = ep.protocols[0]
+    proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabcEXTRA")
+    body = _read_all(proto, d)
+    assert b"".join(body.data) == b"abc" and body.reason.check(ResponseDone)
+    assert "k" not in pool._idle or proto not in pool._idle["k"]
+    assert proto.transport.disconnecting
+
+
+def test_known_length_after_100_continue_is_left_to_the_parser():
+    """After a 1xx head the first CRLFCRLF is not the final head's end: the
+    body is parsed, and arrives whole."""
+    wire = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nbody"
+    _, pool, ep = setup()
+    d = send(pool, ep, b"POST", b"x")
+    proto = ep.protocols[0]
+    proto.dataReceived(wire[:-2])
+    proto.dataReceived(wire[-2:])
+    body = _read_all(proto, d)
+    assert b"".join(body.data) == b"body"
+    assert body.reason.check(ResponseDone)
+    assert pool._idle["k"] == [proto]
+
+
+def test_bare_lf_heads_are_refused():
+    """llhttp requires CRLF line ends, so the fast path's CRLFCRLF search
+    never meets a head that ends otherwise."""
+    _, pool, ep = setup()
+    d = send(pool, ep)
+    ep.protocols[0].dataReceived(b"HTTP/1.1 200 OK\nContent-Length: 4\n\nbody")
+    assert result(d).check(ResponseFailed)
+
+
+def test_connection_lost_inside_a_known_length_body_fails_it():
+    _, pool, ep = setup()
+    d = send(pool, ep)
+    proto = ep.protocols[0]
+    proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+    body = _read_all(proto, d)
+    close(proto, ConnectionLost)
+    assert b"".join(body.data) == b"abc"
+    assert body.reason.check(ResponseFailed)
+
+
 def test_close_delimited_body_is_potential_data_loss():
     _, pool, ep = setup()
     d = send(pool, ep)
