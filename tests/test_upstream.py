@@ -147,6 +147,19 @@ def test_known_length_body_bypasses_the_parser_in_any_split():
             assert pool._idle["k"] == [proto], (cut, second)
 
 
+def test_known_length_body_whole_in_the_first_read_is_parsed():
+    """No fast path when the body came with the head: stopping the parser
+    costs more than parsing a small body."""
+    _, pool, ep = setup()
+    d = send(pool, ep)
+    proto = ep.protocols[0]
+    proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert proto._body_left is None
+    body = _read_all(proto, d)
+    assert body.data == [b"ok"] and body.reason.check(ResponseDone)
+    assert pool._idle["k"] == [proto]
+
+
 def test_known_length_body_does_not_copy_whole_reads():
     _, pool, ep = setup()
     d = send(pool, ep)
@@ -164,8 +177,9 @@ def test_bytes_past_a_known_length_are_dropped_and_the_connection_closed():
     _, pool, ep = setup()
     d = send(pool, ep)
     proto = ep.protocols[0]
-    proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabcEXTRA")
+    proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nab")
     body = _read_all(proto, d)
+    proto.dataReceived(b"cEXTRA")
     assert b"".join(body.data) == b"abc" and body.reason.check(ResponseDone)
     assert "k" not in pool._idle or proto not in pool._idle["k"]
     assert proto.transport.disconnecting
