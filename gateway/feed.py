@@ -2,14 +2,14 @@
 The live request feed and the dashboard that shows it: a static page
 (the files in C{gateway/dashboard/}) fed by server-sent events.
 
-L{RequestFeed} is a request observer. For each finished request it keeps a
-small row in a ring of the latest requests and adds to the current
-second's counts (requests, errors, rate limited, cached, a latency
-histogram). A timer then, every L{FLUSH_INTERVAL} seconds, sends the rows
-that arrived since the last flush to every connected browser
-(C{event: requests}), and every second a summary (C{event: tick}: request
-rate, p50 and p99 latency, counts, backend health and circuit states).
-Each event is serialised once, whatever the number of browsers.
+L{RequestFeed} is a request observer. For each finished request it queues
+a small row and adds to the current second's counts (requests, errors,
+rate limited, cached, a latency histogram). A timer then, every
+L{FLUSH_INTERVAL} seconds, moves the queued rows into a ring of the latest
+requests and sends them to every connected browser (C{event: requests}),
+and every second a summary (C{event: tick}: request rate, p50 and p99
+latency, counts, backend health and circuit states). Each event is
+serialised once, whatever the number of browsers.
 
 A browser that reads slowly or not at all must not slow the proxy or grow
 memory: each L{EventStream} is a push producer of its connection, so
@@ -29,7 +29,6 @@ import socket
 from array import array
 from bisect import bisect_left
 from collections import deque
-from itertools import islice
 from typing import Optional
 
 from twisted.application.internet import TimerService
@@ -57,6 +56,12 @@ _CACHED = frozenset(["HIT", "STALE", "hit", "stale"])
 
 #: The longest path shown, in characters (longer ones are cut).
 MAX_PATH = 200
+
+#: Bytes of one request row's JSON in the ring of recent rows (L{_Rows}).
+#: An ASCII row with the longest path and request ID is about 600; rows
+#: longer than this (non-ASCII paths, very long route or backend names)
+#: have their longest strings cut.
+ROW_BYTES = 1024
 
 _STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dashboard")
 _TYPES = {
@@ -151,6 +156,57 @@ class _Series:
             yield point
 
 
+class _Rows:
+    """
+    The latest request rows, as their JSON, in a ring of C{size} slots of
+    C{width} bytes allocated once (one C{bytearray}, and an C{array} of
+    lengths), written in place by L{append}.
+
+    Like L{_Series}, and for the same reason: a C{deque} of row tuples
+    keeps each request's ID, path and floats alive until a hundred later
+    requests push it out, which after a load has stopped is forever. Those
+    objects, allocated among the requests' and the rate-limit keys', pin
+    the small-object arenas around them. Here a row is bytes copied into
+    the ring, and the dicts are built only for a browser that connects
+    (L{__iter__}).
+    """
+
+    def __init__(self, size: int, width: int = ROW_BYTES) -> None:
+        self.maxlen = size
+        self.width = width
+        self._slots = bytearray(size * width)
+        self._lengths = array("l", bytes(array("l").itemsize * size))
+        self._next = 0
+        self._len = 0
+
+    def append(self, data: bytes) -> None:
+        """Keep C{data} (at most C{width} bytes), dropping the oldest row."""
+        if len(data) > self.width:
+            raise ValueError("row longer than %d bytes" % self.width)
+        i = self._next
+        start = i * self.width
+        self._slots[start : start + len(data)] = data
+        self._lengths[i] = len(data)
+        self._next = (i + 1) % self.maxlen
+        self._len = min(self._len + 1, self.maxlen)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self):
+        """The rows kept, oldest first, as new dicts."""
+        return self.latest(self._len)
+
+    def latest(self, n: int):
+        """The last C{n} rows kept (at most all), oldest first, as new dicts."""
+        n = max(0, min(n, self._len))
+        start = (self._next - n) % self.maxlen
+        for k in range(n):
+            i = (start + k) % self.maxlen
+            offset = i * self.width
+            yield json.loads(self._slots[offset : offset + self._lengths[i]])
+
+
 class RequestFeed:
     """
     The latest requests and per-second summaries, pushed to browsers.
@@ -176,15 +232,17 @@ class RequestFeed:
     ) -> None:
         self._gateway = gateway
         self._clock = clock
-        self.recent: deque = deque(maxlen=recent)
+        #: The latest rows, kept in place (see L{_Rows}).
+        self.recent = _Rows(recent)
+        #: Rows observed since the last flush, as tuples (cheap to make);
+        #: L{flush} encodes them into L{recent} and lets them go.
+        self._pending: deque = deque(maxlen=recent)
         #: The one-second summaries, kept in place (see L{_Series}).
         self.series = _Series(history)
         self.client_buffer = client_buffer
         self.max_clients = max_clients
         self.clients: set = set()
         self._window = _Window()
-        self._seen = 0
-        self._sent = 0
         self._flushes = 0
         self._last_tick = clock.seconds()
         self.totals = {"requests": 0, "errors": 0, "rate_limited": 0, "cached": 0}
@@ -202,7 +260,7 @@ class RequestFeed:
         backend = context.backend
         duration = context.ended - context.started
         status = context.status
-        self.recent.append(
+        self._pending.append(
             (
                 context.ended,
                 context.request_id,
@@ -215,7 +273,6 @@ class RequestFeed:
                 context.cache,
             )
         )
-        self._seen += 1
         window = self._window
         window.requests += 1
         window.latency[bisect_left(LATENCY_BOUNDS, duration)] += 1
@@ -229,14 +286,26 @@ class RequestFeed:
     # -- timers ------------------------------------------------------------
 
     def flush(self) -> None:
-        """Send new rows; every fourth call, close the second and send a tick."""
+        """
+        Move the rows observed since the last flush into the ring and send
+        them; every fourth call, close the second and send a tick.
+        """
         try:
-            new = self._seen - self._sent
-            self._sent = self._seen
-            if new and self.clients:
-                rows = list(islice(reversed(self.recent), min(new, len(self.recent))))
-                rows.reverse()
-                self.broadcast("requests", [_row(r) for r in rows])
+            pending = self._pending
+            if pending:
+                rows = list(pending)
+                pending.clear()
+                width = self.recent.width
+                encoded = [_encode_row(_row(r), width) for r in rows]
+                del rows
+                for data in encoded:
+                    self.recent.append(data)
+                if self.clients:
+                    # What encode_event("requests", [...]) makes, from the
+                    # rows' JSON made above.
+                    data = b"event: requests\ndata: [%s]\n\n" % b",".join(encoded)
+                    for client in list(self.clients):
+                        client.send(data)
             self._flushes += 1
             if self._flushes >= _FLUSHES_PER_TICK:
                 self._flushes = 0
@@ -284,9 +353,14 @@ class RequestFeed:
     # -- browsers ----------------------------------------------------------
 
     def hello(self) -> dict:
-        """What a browser gets on connecting: the recent rows and history."""
+        """
+        What a browser gets on connecting: the recent rows (oldest first,
+        with those not flushed yet) and history.
+        """
+        requests = list(self.recent.latest(self.recent.maxlen - len(self._pending)))
+        requests.extend(_row(r) for r in self._pending)
         return {
-            "requests": [_row(r) for r in self.recent],
+            "requests": requests,
             "series": list(self.series),
             "totals": self.totals,
             "backends": _backends(self._gateway),
@@ -346,6 +420,31 @@ def _row(row: tuple) -> dict:
         "ms": round(duration * 1000, 3),
         "cache": cache,
     }
+
+
+def _encode_row(row: dict, width: int) -> bytes:
+    """
+    C{row}'s JSON as sent to browsers, at most C{width} bytes: while longer,
+    the longest string in it is cut to half (ending in an ellipsis). Paths
+    are already cut to L{MAX_PATH} characters, so this is for rare rows.
+    """
+    data = _dumps(row)
+    while len(data) > width:
+        name = max(
+            (k for k, v in row.items() if isinstance(v, str) and len(v) > 2),
+            key=lambda k: len(_dumps(row[k])),
+            default=None,
+        )
+        if name is None:
+            raise ValueError("request row longer than %d bytes" % width)
+        text = row[name]
+        row[name] = text[: len(text) // 2] + "\u2026"
+        data = _dumps(row)
+    return data
+
+
+def _dumps(value) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode("ascii")
 
 
 def _backends(gateway) -> list:
