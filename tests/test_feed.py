@@ -2,7 +2,8 @@
 
 import json
 import sys
-import tracemalloc
+
+import pytest
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -146,6 +147,7 @@ def test_series_bounded_and_in_hello_oldest_first():
     assert list(feed.series)[-1]["p50_ms"] is None and len(feed.series) == 10
 
 
+@pytest.mark.cpython_only
 def test_series_keeps_no_objects_of_past_ticks():
     """
     The history holds numbers in place, not each tick's objects: those,
@@ -157,6 +159,8 @@ def test_series_keeps_no_objects_of_past_ticks():
     for _ in range(50):
         clock.advance(1)
         feed.tick()
+    import tracemalloc
+
     tracemalloc.start()
     try:
         for _ in range(100):
@@ -171,6 +175,7 @@ def test_series_keeps_no_objects_of_past_ticks():
     assert len(feed.series) == 50
 
 
+@pytest.mark.cpython_only
 def test_recent_rows_keep_no_objects_of_past_requests():
     """
     After a flush, the latest rows are held as bytes in place, not as each
@@ -191,6 +196,8 @@ def test_recent_rows_keep_no_objects_of_past_requests():
             feed.flush()
 
     load(10, "warm")  # the ring and the pending deque's blocks, once
+    import tracemalloc
+
     tracemalloc.start()
     try:
         load(20, "traced")
