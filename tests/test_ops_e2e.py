@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from tests.harness import Gateway, get, wait_for
+from tests.harness import ON_PYPY, Gateway, get, wait_for
 
 
 def _two_services(backends, routes: str, extra: str = "") -> str:
@@ -693,9 +693,15 @@ class SocketActivated:
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_socket_activated_restart_refuses_no_connection(backends, workers):
+def test_socket_activated_restart_refuses_no_connection(backends, workers, request):
     if shutil.which("systemd-socket-activate") is None:
         pytest.skip("systemd-socket-activate is not installed")
+    if ON_PYPY and workers == 2:
+        # Open bug: under PyPy, about one run in five, the three clients'
+        # requests all hang for the full 15 s timeout during one restart
+        # with two workers (never seen on CPython in 8 runs, nor with one
+        # worker). Not yet explained; kept running, not skipped.
+        request.applymarker(pytest.mark.xfail(reason="PyPy, 2 workers: restart hang, open bug", strict=False))
     config = _two_services(backends, _ROUTES_A, f"workers: {workers}\ndrain_timeout: 5s")
     activated = SocketActivated(config)
     results = {"ok": 0, "failures": []}
