@@ -102,7 +102,35 @@ class _Window:
         self.latency = [0] * (len(LATENCY_BOUNDS) + 1)
 
 
-class _Series:
+class _Ring:
+    """
+    The slot bookkeeping of a ring of C{size} slots: which slot the next
+    item goes to, and which slots hold the latest items, oldest first.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.maxlen = size
+        self._next = 0
+        self._len = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def _claim(self) -> int:
+        """The slot for a new item, which replaces the oldest when full."""
+        i = self._next
+        self._next = (i + 1) % self.maxlen
+        self._len = min(self._len + 1, self.maxlen)
+        return i
+
+    def _latest(self, n: int):
+        """The slots of the last C{n} items (at most all), oldest first."""
+        n = max(0, min(n, self._len))
+        start = (self._next - n) % self.maxlen
+        return ((start + k) % self.maxlen for k in range(n))
+
+
+class _Series(_Ring):
     """
     The latest one-second summary points, in a ring of C{history} slots
     allocated once: one C{array} per field, written in place by L{append}.
@@ -122,31 +150,22 @@ class _Series:
     _INTS = ("requests", "errors", "rate_limited", "cached")
 
     def __init__(self, history: int) -> None:
-        self.maxlen = history
+        super().__init__(history)
         self._floats = tuple(array("d", bytes(8 * history)) for _ in self._FLOATS)
         self._ints = tuple(array("q", bytes(8 * history)) for _ in self._INTS)
-        self._next = 0
-        self._len = 0
 
     def append(self, point: dict) -> None:
         """Keep C{point}'s values (the keys of L{_FLOATS} and L{_INTS}), dropping the oldest."""
-        i = self._next
+        i = self._claim()
         for column, name in zip(self._floats, self._FLOATS):
             value = point[name]
             column[i] = math.nan if value is None else value
         for column, name in zip(self._ints, self._INTS):
             column[i] = point[name]
-        self._next = (i + 1) % self.maxlen
-        self._len = min(self._len + 1, self.maxlen)
-
-    def __len__(self) -> int:
-        return self._len
 
     def __iter__(self):
         """The points kept, oldest first, as new dicts."""
-        start = (self._next - self._len) % self.maxlen
-        for k in range(self._len):
-            i = (start + k) % self.maxlen
+        for i in self._latest(self._len):
             point = {}
             for column, name in zip(self._floats, self._FLOATS):
                 value = column[i]
@@ -156,7 +175,7 @@ class _Series:
             yield point
 
 
-class _Rows:
+class _Rows(_Ring):
     """
     The latest request rows, as their JSON, in a ring of C{size} slots of
     C{width} bytes allocated once (one C{bytearray}, and an C{array} of
@@ -172,26 +191,19 @@ class _Rows:
     """
 
     def __init__(self, size: int, width: int = ROW_BYTES) -> None:
-        self.maxlen = size
+        super().__init__(size)
         self.width = width
         self._slots = bytearray(size * width)
         self._lengths = array("l", bytes(array("l").itemsize * size))
-        self._next = 0
-        self._len = 0
 
     def append(self, data: bytes) -> None:
         """Keep C{data} (at most C{width} bytes), dropping the oldest row."""
         if len(data) > self.width:
             raise ValueError("row longer than %d bytes" % self.width)
-        i = self._next
+        i = self._claim()
         start = i * self.width
         self._slots[start : start + len(data)] = data
         self._lengths[i] = len(data)
-        self._next = (i + 1) % self.maxlen
-        self._len = min(self._len + 1, self.maxlen)
-
-    def __len__(self) -> int:
-        return self._len
 
     def __iter__(self):
         """The rows kept, oldest first, as new dicts."""
@@ -199,10 +211,7 @@ class _Rows:
 
     def latest(self, n: int):
         """The last C{n} rows kept (at most all), oldest first, as new dicts."""
-        n = max(0, min(n, self._len))
-        start = (self._next - n) % self.maxlen
-        for k in range(n):
-            i = (start + k) % self.maxlen
+        for i in self._latest(n):
             offset = i * self.width
             yield json.loads(self._slots[offset : offset + self._lengths[i]])
 
@@ -301,11 +310,7 @@ class RequestFeed:
                 for data in encoded:
                     self.recent.append(data)
                 if self.clients:
-                    # What encode_event("requests", [...]) makes, from the
-                    # rows' JSON made above.
-                    data = b"event: requests\ndata: [%s]\n\n" % b",".join(encoded)
-                    for client in list(self.clients):
-                        client.send(data)
+                    self._send(_frame_event("requests", b"[%s]" % b",".join(encoded)))
             self._flushes += 1
             if self._flushes >= _FLUSHES_PER_TICK:
                 self._flushes = 0
@@ -370,7 +375,10 @@ class RequestFeed:
 
     def broadcast(self, event: str, payload) -> None:
         """Send one event, serialised once, to every connected browser."""
-        data = encode_event(event, payload)
+        self._send(encode_event(event, payload))
+
+    def _send(self, data: bytes) -> None:
+        """Send one encoded event to every connected browser."""
         for client in list(self.clients):
             client.send(data)
 
@@ -466,10 +474,12 @@ def _backends(gateway) -> list:
 
 def encode_event(event: str, payload) -> bytes:
     """One server-sent event: C{event:} and one C{data:} line of JSON."""
-    return b"event: %s\ndata: %s\n\n" % (
-        event.encode("ascii"),
-        json.dumps(payload, separators=(",", ":")).encode("utf-8"),
-    )
+    return _frame_event(event, _dumps(payload))
+
+
+def _frame_event(event: str, data: bytes) -> bytes:
+    """One server-sent event carrying C{data}, one line of JSON already encoded."""
+    return b"event: %s\ndata: %s\n\n" % (event.encode("ascii"), data)
 
 
 @implementer(IPushProducer)
