@@ -362,11 +362,9 @@ class UpstreamProtocol(Protocol):
         self._chunk = data
         try:
             self._parser.feed_data(data)
-        except _Stop:
-            if self._body_left is not None:
-                self._take_body(data[self._body_start:])
-        except httptools.HttpParserCallbackError as e:
-            if not isinstance(e.__context__, _Stop):
+        except (_Stop, httptools.HttpParserCallbackError) as e:
+            # (a callback's _Stop may arrive wrapped by the parser)
+            if not isinstance(e, _Stop) and not isinstance(e.__context__, _Stop):
                 self._fail(Failure())
                 return
             if self._body_left is not None:
