@@ -1,9 +1,8 @@
 import os
-import platform
 
 import pytest
 
-from tests.harness import Backend
+from tests.harness import ON_PYPY, Backend
 
 
 @pytest.fixture(scope="session")
@@ -25,7 +24,7 @@ def pytest_collection_modifyitems(config, items):
     allocator, measured with tracemalloc, which PyPy lacks): under PyPy they
     are deselected, and counted as such, rather than skipped.
     """
-    if platform.python_implementation() == "CPython":
+    if not ON_PYPY:
         return
     kept = [item for item in items if item.get_closest_marker("cpython_only") is None]
     if len(kept) != len(items):
