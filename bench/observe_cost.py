@@ -40,7 +40,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from twisted.internet.task import Clock  # noqa: E402
-from twisted.logger import LogPublisher, Logger, jsonFileLogObserver  # noqa: E402
+from twisted.logger import LogPublisher, jsonFileLogObserver  # noqa: E402
 from twisted.web.http_headers import Headers  # noqa: E402
 
 from gateway.accesslog import AccessLog  # noqa: E402
@@ -126,11 +126,9 @@ def main(argv=None) -> dict:
     import tempfile
 
     log_file = tempfile.TemporaryFile("w")
-    dropped = AccessLog(logger=Logger(namespace="gateway.access", observer=LogPublisher(lambda e: None)))
-    to_json = AccessLog(
-        logger=Logger(namespace="gateway.access", observer=LogPublisher(jsonFileLogObserver(log_file)))
-    )
-    observe.access_log._log = to_json._log  # the gateway's own access log, to the file as JSON
+    dropped = AccessLog(observer=LogPublisher(lambda e: None))
+    to_json = AccessLog(observer=LogPublisher(jsonFileLogObserver(log_file)))
+    observe.access_log._observer = to_json._observer  # the gateway's own access log, to the file as JSON
 
     def filter_then_observers(context):
         context.notes = {}

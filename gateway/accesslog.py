@@ -29,11 +29,11 @@ from urllib.parse import unquote_to_bytes
 from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger, LogLevel, globalLogPublisher
 from twisted.python.threadpool import ThreadPool
 
 _log = Logger()
-_access = Logger(namespace="gateway.access")
+_ACCESS_NAMESPACE = "gateway.access"
 
 #: The fields of every access-log event, in order.
 ACCESS_FIELDS = (
@@ -43,8 +43,10 @@ ACCESS_FIELDS = (
 )
 
 #: How an access event reads in a text log. Every field is in the event
-#: either way; each one named here costs the JSON observer about 2 us per
-#: request (twisted.logger flattens them), so only the essentials are.
+#: either way. The event's C{log_format} is this text already filled in
+#: (L{access_text}), with no replacement fields left: twisted.logger then
+#: has nothing to flatten, which halves what the JSON observer costs per
+#: request.
 ACCESS_FORMAT = '"{method} {path}" {status} {duration_ms}ms {request_id}'
 
 REDACTED = "REDACTED"
@@ -99,6 +101,20 @@ def redact_query(query: bytes, sensitive: frozenset = SENSITIVE_QUERY_PARAMETERS
             parts[i] = name + b"=" + REDACTED.encode("ascii")
             changed = True
     return b"?" + b"&".join(parts) if changed else query
+
+
+def access_text(fields: dict) -> str:
+    """
+    L{ACCESS_FORMAT} filled in from C{fields} (L{access_fields}), with
+    C{{} and C{}} doubled, so that it is itself a C{log_format} with no
+    replacement fields: formatting it gives the text back.
+    """
+    text = '"%s %s" %s %sms %s' % (
+        fields["method"], fields["path"], fields["status"], fields["duration_ms"], fields["request_id"]
+    )
+    if "{" in text or "}" in text:
+        text = text.replace("{", "{{").replace("}", "}}")
+    return text
 
 
 def _text(value: bytes) -> str:
@@ -302,6 +318,15 @@ class AccessLog:
     @param sensitive: query parameter names whose values are redacted.
     @param enabled: emit the structured event (the combined file is
         written either way).
+    @param observer: where the events go (by default the global log
+        publisher, i.e. wherever C{twist}/C{twistd} send the log).
+
+    Each event is what C{Logger(namespace="gateway.access").info(...)}
+    would emit, built directly: the L{ACCESS_FIELDS} plus C{log_level}
+    (info), C{log_namespace}, C{log_source} (None), C{log_time} and a
+    C{log_format} already filled in (L{access_text}). It has no
+    C{log_logger}, which the JSON observer would otherwise serialise as an
+    unpersistable object on every request.
     """
 
     def __init__(
@@ -309,15 +334,21 @@ class AccessLog:
         combined: Optional[CombinedLogFile] = None,
         sensitive: frozenset = SENSITIVE_QUERY_PARAMETERS,
         enabled: bool = True,
-        logger: Logger = _access,
+        observer: ILogObserver = globalLogPublisher,
     ) -> None:
         self.combined = combined
         self.sensitive = sensitive
         self.enabled = enabled
-        self._log = logger
+        self._observer = observer
 
     def __call__(self, context) -> None:
         if self.enabled:
-            self._log.info(ACCESS_FORMAT, **access_fields(context, self.sensitive))
+            event = access_fields(context, self.sensitive)
+            event["log_format"] = access_text(event)
+            event["log_level"] = LogLevel.info
+            event["log_namespace"] = _ACCESS_NAMESPACE
+            event["log_source"] = None
+            event["log_time"] = time.time()
+            self._observer(event)
         if self.combined is not None:
             self.combined.write(combined_line(context, self.sensitive))

@@ -1,12 +1,23 @@
 """Tests for gateway.accesslog: fields, redaction, the combined-log file."""
 
+import io
 import json
 import os
+import time
 
 import pytest
 import pytest_twisted
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel, eventAsJSON, formatEvent
+from twisted.logger import (
+    FilteringLogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    LogPublisher,
+    eventAsJSON,
+    eventFromJSON,
+    formatEvent,
+    jsonFileLogObserver,
+)
 
 from gateway.accesslog import (
     ACCESS_FIELDS,
@@ -19,17 +30,6 @@ from gateway.accesslog import (
 )
 from gateway.tracing import continue_or_start
 from tests.contexts import config, finished
-
-
-class Recorder:
-    """A stand-in for a Logger: keeps what was emitted."""
-
-    def __init__(self):
-        self.events = []
-
-    def info(self, format, **fields):
-        event = dict(fields, log_format=format, log_level=LogLevel.info, log_namespace="gateway.access")
-        self.events.append(event)
 
 
 def test_fields_of_a_request():
@@ -104,23 +104,54 @@ def test_header_secrets_redacted():
 
 
 def test_event_is_fields_not_a_string():
-    recorder = Recorder()
-    log = AccessLog(logger=recorder)
+    events = []
+    log = AccessLog(observer=events.append)
+    before = time.time()
     log(finished(config()))
-    (event,) = recorder.events
+    (event,) = events
     for name in ACCESS_FIELDS:
         assert name in event
     assert event["status"] == 200 and event["route"] == "users-api"
+    assert event["log_level"] is LogLevel.info and event["log_namespace"] == "gateway.access"
+    assert before <= event["log_time"] <= time.time()
     text = formatEvent(event)
     assert text == '"GET /users/7" 200 12.0ms req-1'
     decoded = json.loads(eventAsJSON(event))
     assert decoded["duration_ms"] == 12.0 and decoded["request_id"] == "req-1"
+    assert "log_logger" not in decoded
+    assert formatEvent(eventFromJSON(eventAsJSON(event))) == text
+
+
+def test_event_text_keeps_braces_literal():
+    """A path with replacement-field syntax is shown as it came, not formatted."""
+    events = []
+    context = finished(config())
+    context.path = b"/users/{0}/{status!r}/{{x}}"
+    AccessLog(observer=events.append)(context)
+    (event,) = events
+    assert formatEvent(event) == '"GET /users/{0}/{status!r}/{{x}}" 200 12.0ms req-1'
+    assert event["path"] == "/users/{0}/{status!r}/{{x}}"
+
+
+def test_access_event_through_a_logging_pipeline():
+    """The event passes twist's level filter and reaches the JSON file observer."""
+    out = io.StringIO()
+    publisher = LogPublisher(
+        FilteringLogObserver(jsonFileLogObserver(out), [LogLevelFilterPredicate(LogLevel.info)])
+    )
+    AccessLog(observer=publisher)(finished(config()))
+    quiet = LogLevelFilterPredicate(LogLevel.info)
+    quiet.setLogLevelForNamespace("gateway.access", LogLevel.warn)
+    AccessLog(observer=FilteringLogObserver(jsonFileLogObserver(out), [quiet]))(finished(config()))
+    (line,) = out.getvalue().rstrip("\n").split("\n")  # (splitlines splits at RS too)
+    decoded = json.loads(line[1:])
+    assert decoded["request_id"] == "req-1" and decoded["log_namespace"] == "gateway.access"
 
 
 def test_disabled_event():
-    recorder = Recorder()
-    AccessLog(logger=recorder, enabled=False)(finished(config()))
-    assert recorder.events == []
+    events = []
+    AccessLog(observer=events.append, enabled=False)(finished(config()))
+    assert events == []
 
 
 def test_combined_line():
