@@ -159,6 +159,28 @@ def test_header_deadline_is_per_request_and_cancelled_when_headers_end():
     assert answer(transport)[0] == 408
 
 
+def test_a_head_whole_in_one_read_sets_no_header_deadline():
+    """The deadline is for heads that trickle in: one that came whole needs no timer."""
+    reactor, protocol, transport = connect(client_header_timeout="7s", client_idle_timeout=0)
+    armed = []
+    channel = protocol._channel
+    call_later = channel.callLater
+
+    def recording(delay, *args, **kwargs):
+        armed.append(delay)
+        return call_later(delay, *args, **kwargs)
+
+    channel.callLater = recording
+    protocol.dataReceived(b"GET /x HTTP/1.1\r\nHost: gw\r\n\r\n")
+    assert answer(transport)[0] == 404
+    assert 7.0 not in armed
+    transport.clear()
+    protocol.dataReceived(b"GET /y HTTP/1.1\r\nHost: gw\r\n\r\nGET /z HT")  # a whole head, then part of one
+    assert armed.count(7.0) == 1
+    reactor.advance(7)
+    assert transport.value().count(b"HTTP/1.1 408 ") == 1
+
+
 def test_idle_client_is_disconnected():
     reactor, protocol, transport = connect(client_idle_timeout="2s")
     reactor.advance(1.9)
