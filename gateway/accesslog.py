@@ -121,10 +121,19 @@ def _text(value: bytes) -> str:
     return value.decode("utf-8", "backslashreplace")
 
 
+#: The second last formatted by L{_iso_time}, and its text: requests come
+#: many per second, and strftime is most of the cost.
+_last_second = [None, ""]
+
+
 def _iso_time(seconds: float) -> str:
     """C{2024-05-01T12:00:00.123Z} (UTC, milliseconds)."""
     whole = int(seconds)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + ".%03dZ" % int((seconds - whole) * 1000)
+    last = _last_second
+    if last[0] != whole:
+        last[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        last[0] = whole
+    return last[1] + ".%03dZ" % int((seconds - whole) * 1000)
 
 
 def access_fields(context, sensitive: frozenset = SENSITIVE_QUERY_PARAMETERS) -> dict:

@@ -67,6 +67,17 @@ def test_fields_of_a_request():
     json.dumps(fields)  # plain values only
 
 
+def test_iso_time_across_seconds():
+    """The per-second cache of the formatted time never shows a stale second."""
+    from gateway.accesslog import _iso_time
+
+    assert _iso_time(1714564800.25) == "2024-05-01T12:00:00.250Z"
+    assert _iso_time(1714564800.999) == "2024-05-01T12:00:00.999Z"
+    assert _iso_time(1714564861.5) == "2024-05-01T12:01:01.500Z"
+    assert _iso_time(1714564800.0) == "2024-05-01T12:00:00.000Z"  # an earlier second again
+    assert _iso_time(0.5) == "1970-01-01T00:00:00.500Z"
+
+
 def test_fields_of_an_unrouted_request():
     fields = access_fields(finished(config(), route=None, status=404))
     assert fields["route"] is fields["backend"] is fields["service"] is fields["trace_id"] is None
