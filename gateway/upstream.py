@@ -169,7 +169,8 @@ class UpstreamProtocol(Protocol):
         self._names: list = []
         self._fields: list = []
         self._phrase = b""
-        self._idle_timer = None
+        #: When this connection last went back to the pool (reactor time).
+        self._idle_since = 0.0
         self._closed: Optional[Deferred] = None
         self._cancelled = False
         self._aborted = False
@@ -413,9 +414,6 @@ class UpstreamProtocol(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:
         self.connected_ = False
         self._pool._lost(self)
-        if self._idle_timer is not None and self._idle_timer.active():
-            self._idle_timer.cancel()
-        self._idle_timer = None
         response, self._response = self._response, None
         if response is not None:
             if (
@@ -459,14 +457,20 @@ class UpstreamPool:
     @param reactor: provides C{IReactorTime}.
     @param max_idle: the most idle connections kept per key.
     @param idle_timeout: seconds an idle connection is kept.
+
+    Idle connections are closed by one timer per pool (L{_sweep_idle}),
+    set for the oldest idle connection's expiry, not by a timer per
+    connection set and cancelled on every request.
     """
 
     def __init__(self, reactor, max_idle: int, idle_timeout: float = 60.0) -> None:
         self._reactor = reactor
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
+        #: key -> idle connections, oldest first (taken from the end).
         self._idle: dict = {}
         self._factories: dict = {}
+        self._sweep = None
 
     def request(self, key, endpoint, method: bytes, path: bytes, headers: Headers, body) -> Deferred:
         """
@@ -479,10 +483,6 @@ class UpstreamPool:
         idle = self._idle.get(key)
         while idle:
             proto = idle.pop()
-            if proto._idle_timer is not None:
-                if proto._idle_timer.active():
-                    proto._idle_timer.cancel()
-                proto._idle_timer = None
             if not proto.connected_:
                 continue
             proto.reused = True
@@ -506,9 +506,31 @@ class UpstreamPool:
             proto.transport.loseConnection()
             return
         idle.append(proto)
-        proto._idle_timer = self._reactor.callLater(
-            self.idle_timeout, proto.transport.loseConnection
-        )
+        proto._idle_since = self._reactor.seconds()
+        if self._sweep is None:
+            self._sweep = self._reactor.callLater(self.idle_timeout, self._sweep_idle)
+
+    def _sweep_idle(self) -> None:
+        """
+        Close the connections idle for C{idle_timeout} seconds or more, and
+        set the timer again for the oldest of the others.
+        """
+        self._sweep = None
+        now = self._reactor.seconds()
+        oldest = None
+        for idle in self._idle.values():
+            expired = 0
+            while expired < len(idle) and now - idle[expired]._idle_since >= self.idle_timeout:
+                expired += 1
+            for proto in idle[:expired]:
+                proto.transport.loseConnection()
+            del idle[:expired]
+            if idle and (oldest is None or idle[0]._idle_since < oldest):
+                oldest = idle[0]._idle_since
+        if oldest is not None:
+            self._sweep = self._reactor.callLater(
+                max(0.0, oldest + self.idle_timeout - now), self._sweep_idle
+            )
 
     def _lost(self, proto: UpstreamProtocol) -> None:
         idle = self._idle.get(proto._key)
@@ -522,11 +544,11 @@ class UpstreamPool:
         @return: a Deferred firing once they are closed.
         """
         waits = []
+        if self._sweep is not None and self._sweep.active():
+            self._sweep.cancel()
+        self._sweep = None
         for idle in self._idle.values():
             for proto in list(idle):
-                if proto._idle_timer is not None and proto._idle_timer.active():
-                    proto._idle_timer.cancel()
-                proto._idle_timer = None
                 proto._closed = Deferred()
                 waits.append(proto._closed)
                 proto.transport.loseConnection()

@@ -85,12 +85,12 @@ def test_content_length_response_and_keep_alive_reuse():
     proto.dataReceived(b"lo")
     assert b"".join(body.data) == b"hello"
     assert body.reason.check(ResponseDone)
-    assert len(reactor.getDelayedCalls()) == 1  # the idle timer
+    assert len(reactor.getDelayedCalls()) == 1  # the pool's idle sweep
     proto.transport.clear()
     d2 = send(pool, ep)
     assert len(ep.protocols) == 1 and proto.reused
     assert proto.transport.value().startswith(b"GET /p?q=1 HTTP/1.1\r\n")
-    assert not reactor.getDelayedCalls()
+    assert len(reactor.getDelayedCalls()) == 1  # no timer per connection, none cancelled
     proto.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
     assert result(d2).code == 204
 
@@ -442,6 +442,38 @@ def test_idle_connections_time_out_and_close():
     reactor.advance(60)
     assert proto.transport.disconnecting
     close(proto)
+    assert not pool._idle["k"] and not reactor.getDelayedCalls()
+
+
+def test_each_idle_connection_closes_idle_timeout_after_its_release():
+    """One sweep timer, set again for the oldest idle connection; reuse restarts the clock."""
+    reactor, pool, ep = setup()
+    first, second = send(pool, ep), send(pool, ep)  # two connections
+    a, b = ep.protocols
+    a.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    result(first)  # a idle from t=0
+    reactor.advance(30)
+    b.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    result(second)  # b idle from t=30
+    assert len(reactor.getDelayedCalls()) == 1
+    reactor.advance(29.9)
+    assert not a.transport.disconnecting
+    reactor.advance(0.1)  # t=60
+    assert a.transport.disconnecting and not b.transport.disconnecting
+    close(a)
+    assert pool._idle["k"] == [b]
+    reactor.advance(25)  # t=85: b is taken and released again
+    third = send(pool, ep)
+    assert b.reused
+    b.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    result(third)
+    reactor.advance(5)  # t=90, the sweep set for b's first release: b has been idle 5 s
+    assert not b.transport.disconnecting
+    reactor.advance(54.9)
+    assert not b.transport.disconnecting
+    reactor.advance(0.1)  # t=145 = 85 + 60
+    assert b.transport.disconnecting
+    close(b)
     assert not pool._idle["k"] and not reactor.getDelayedCalls()
 
 
