@@ -7,8 +7,13 @@ for the matching rules (deny wins; with an allow list, only its networks).
       allow: [10.0.0.0/8, "2001:db8::/32"]
       deny: [10.0.13.0/24]
 
-C{ip_rules: false} on a route turns a top-level default off. The address is
-the TCP peer's: behind a load balancer, that is the balancer's.
+C{ip_rules: false} on a route turns a top-level default off.
+
+The address matched is the client's as the rate limiter sees it
+(L{gateway.ratelimit.client_ip}): the TCP peer's, unless the peer is in the
+top-level C{trusted_proxies}; then C{X-Forwarded-For} is read from right to
+left, past the trusted proxies, to the first address they did not add.
+Without C{trusted_proxies}, behind a load balancer, it is the balancer's.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from twisted.logger import Logger
 from gateway.config import Extension, ParseContext, Section, Where, register, sequence, string
 from gateway.iprules import IpRules
 from gateway.pipeline import Answer, register_filter
+from gateway.filters.rate_limit import TRUSTED_PROXIES
+from gateway.ratelimit import client_ip
 
 NAME = "ip_rules"
 ORDER = 20
@@ -70,12 +77,19 @@ class IpRulesFilter:
 
     def on_request(self, request, context) -> Optional[Answer]:
         rules = context.route.options.get(NAME)
-        if rules is None or rules.allows(context.client_ip):
+        if rules is None:
+            return None
+        client = context.client_ip
+        trusted = context.snapshot.config.options.get(TRUSTED_PROXIES)
+        if trusted:
+            client = client_ip(client, request.requestHeaders.getRawHeaders(b"x-forwarded-for"), trusted)
+        if rules.allows(client):
             return None
         context.error = "client address refused"
         _log.info(
-            "client {client} refused by the IP rules of route {route}",
-            client=context.client_ip,
+            "client {client} (peer {peer}) refused by the IP rules of route {route}",
+            client=client,
+            peer=context.client_ip,
             route=context.route.name,
             request_id=context.request_id,
         )
