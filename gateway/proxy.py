@@ -705,8 +705,16 @@ class GatewayRequest(server.Request):
             # HTTP/2: no raw bytes on a shared connection; this stream gets
             # its 413 when the request ends (requestReceived).
             return
+        channel = self.channel
         refuse_connection(
-            self.channel.transport, 413, "request body too large", self.requestHeaders
+            channel.transport,
+            413,
+            "request body too large",
+            self.requestHeaders,
+            getattr(channel.site, "gateway", None),
+            getattr(channel, "_command", b""),
+            getattr(channel, "_path", b""),
+            channel.isSecure(),
         )
 
     def requestReceived(self, command, path, version) -> None:
@@ -735,35 +743,93 @@ _PHRASES = {
 }
 
 
-def refuse_connection(transport, status: int, message: str, headers=None) -> None:
+def refuse_connection(
+    transport,
+    status: int,
+    message: str,
+    headers=None,
+    gateway: Optional[Gateway] = None,
+    method: bytes = b"",
+    target: bytes = b"",
+    secure: bool = False,
+) -> None:
     """
     Answer a request the channel will not read to its end with a JSON
     error, then close the connection: the rest of what the client sends
     (body, headers) is never read, so the connection cannot be reused.
+
+    With C{gateway}, the answer carries the top-level security headers
+    (C{security_headers}; no route was chosen) and the request is reported
+    to the gateway's request observers (access log, metrics, dashboard) as
+    any answered request is, with C{route} None and C{error} C{message}.
 
     @param transport: the client connection.
     @param status: one of 408, 413, 414, 431.
     @param message: the C{error} of the JSON body.
     @param headers: the request headers received so far (their valid
         C{X-Request-Id} is kept), or None.
+    @param gateway: the L{Gateway} whose listener refused, or None.
+    @param method: the request method, if its request line was read.
+    @param target: the request target (path and query), likewise.
+    @param secure: whether the connection is TLS (which security headers).
     """
     raw_id = choose_request_id(headers) if headers is not None else new_request_id().encode("ascii")
     request_id = raw_id.decode("ascii")
     body = json.dumps({"error": message, "request_id": request_id}).encode("utf-8")
+    extra = b""
+    if gateway is not None:
+        extra = _security_header_lines(gateway, secure)
     transport.write(
         b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
-        b"X-Request-Id: %s\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
-        % (status, _PHRASES[status], raw_id, len(body), body)
+        b"X-Request-Id: %s\r\n%sConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+        % (status, _PHRASES[status], raw_id, extra, len(body), body)
     )
     transport.loseConnection()
     peer = transport.getPeer()
+    client = getattr(peer, "host", "") or ""
     _log.info(
         "refused a request from {client} with {status}: {reason}",
-        client=getattr(peer, "host", str(peer)),
+        client=client or str(peer),
         status=status,
         reason=message,
         request_id=request_id,
     )
+    if gateway is not None:
+        _observe_refusal(gateway, request_id, client, status, message, method, target, len(body))
+
+
+def _security_header_lines(gateway: Gateway, secure: bool) -> bytes:
+    """The top-level security headers as C{Name: value\\r\\n} lines."""
+    from twisted.web.http_headers import Headers
+
+    from gateway.filters.security_headers import DEFAULT, NAME
+
+    settings = gateway.snapshot.config.options.get(NAME, DEFAULT)
+    if settings is None:
+        return b""
+    out = Headers()
+    (settings.tls if secure else settings.plain).apply(out)
+    return b"".join(
+        name + b": " + value + b"\r\n" for name, values in out.getAllRawHeaders() for value in values
+    )
+
+
+def _observe_refusal(gateway, request_id, client, status, message, method, target, sent) -> None:
+    """Report a refused request to the request observers, as L{ProxyResource._finished} does."""
+    now = gateway.reactor.seconds()
+    path, query = split_target(target) if target else (b"", b"")
+    context = RequestContext(request_id, method or b"-", path, client, now)
+    context.query = query
+    context.snapshot = gateway.snapshot
+    context.status = status
+    context.error = message
+    context.bytes_out = sent
+    context.ended = now
+    for observer in gateway.request_observers:
+        try:
+            observer(context)
+        except Exception:
+            _log.failure("request observer failed", request_id=request_id)
 
 
 class GatewayChannel(http.HTTPChannel):
@@ -872,7 +938,16 @@ class GatewayChannel(http.HTTPChannel):
         headers = self.requests[-1].requestHeaders if self.requests else None
         # Stop parsing: nothing more this client sends is read.
         self.dataReceived = self.lineReceived = lambda *args: None
-        refuse_connection(self.transport, status, message, headers)
+        refuse_connection(
+            self.transport,
+            status,
+            message,
+            headers,
+            getattr(self.site, "gateway", None),
+            getattr(self, "_command", b""),
+            getattr(self, "_path", b""),
+            self.isSecure(),
+        )
 
 
 def _channel_factory(site) -> http._GenericHTTPChannelProtocol:

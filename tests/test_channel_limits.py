@@ -181,6 +181,47 @@ def test_a_head_whole_in_one_read_sets_no_header_deadline():
     assert transport.value().count(b"HTTP/1.1 408 ") == 1
 
 
+def test_refusals_carry_security_headers_and_reach_the_access_log():
+    """A raw 4xx is a response like any other: security headers, one access event."""
+    reactor, protocol, transport = connect(max_header_count=2)
+    gateway = protocol._channel.site.gateway
+    seen = []
+    gateway.request_observers.append(seen.append)
+    reactor.advance(10)
+    protocol.dataReceived(b"GET /x?token=abc HTTP/1.1\r\nX-Request-Id: refused-1\r\n" + headers(3) + b"\r\n")
+    status, sent, body = answer(transport)
+    assert status == 431
+    assert sent[b"X-Content-Type-Options"] == b"nosniff" and sent[b"X-Frame-Options"] == b"DENY"
+    assert b"Strict-Transport-Security" not in sent  # not over TLS
+    (context,) = seen
+    assert (context.status, context.method, context.path, context.query) == (431, b"GET", b"/x", b"?token=abc")
+    assert context.request_id == "refused-1" and context.client_ip == "192.0.2.7"
+    assert context.route is None and context.error == "too many request header fields"
+    assert context.started == context.ended == 10 and context.bytes_out == len(body)
+
+
+def test_refusal_before_a_request_line_is_observed_too():
+    reactor, protocol, transport = connect(max_header_bytes="1KiB")
+    seen = []
+    protocol._channel.site.gateway.request_observers.append(seen.append)
+    protocol.dataReceived(b"GET /" + b"a" * 2000 + b" HTTP/1.1\r\n")
+    assert answer(transport)[0] == 414
+    (context,) = seen
+    assert (context.status, context.method, context.path) == (414, b"-", b"")
+
+
+def test_no_security_headers_on_a_refusal_when_switched_off():
+    reactor = MemoryReactorClock()
+    gateway = Gateway(reactor, parse_config(CONFIG % limits(max_header_count=1) + "security_headers: false\n"))
+    site = GatewaySite(gateway, reactor=reactor)
+    protocol = site.buildProtocol(IPv4Address("TCP", "192.0.2.7", 40000))
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"GET /x HTTP/1.1\r\n" + headers(2) + b"\r\n")
+    status, sent, _ = answer(transport)
+    assert status == 431 and b"X-Content-Type-Options" not in sent
+
+
 def test_idle_client_is_disconnected():
     reactor, protocol, transport = connect(client_idle_timeout="2s")
     reactor.advance(1.9)

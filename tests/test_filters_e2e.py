@@ -391,6 +391,16 @@ def test_oversize_body_gets_413(gateway):
     r = request(gateway.port, "POST", "/open/a", body=b"x" * 2048, headers={"X-Request-Id": "e2e-big"})
     assert r.status == 413
     assert r.json() == {"error": "request body too large", "request_id": "e2e-big"}
+    # a response like the others: security headers, and its access event
+    assert r.header("X-Content-Type-Options") == "nosniff" and r.header("X-Frame-Options") == "DENY"
+
+    def access_event():
+        found = [e for e in gateway.events_of("e2e-big") if e.get("log_namespace") == "gateway.access"]
+        return found[0] if found else None
+
+    event = wait_for(access_event, timeout=5, what="the 413's access event")
+    assert (event["status"], event["method"], event["path"]) == (413, "POST", "/open/a")
+    assert event["error"] == "request body too large" and event["route"] is None
 
 
 def test_too_many_or_too_large_headers_get_431_and_long_uri_414(gateway):
