@@ -3,9 +3,10 @@
 #
 #   PYTHON=/work/venv/bin/python sh bench/setup.sh
 #
-# System packages (wrk, nginx-light) are installed with apt-get only when the
-# binaries are missing; aiohttp and uvloop (the aiohttp peer) go into the
-# Python environment named by $PYTHON (default: python3).
+# System packages (wrk, nginx-light, and golang-go for the Go peer) are
+# installed with apt-get only when the binaries are missing; aiohttp and
+# uvloop (the aiohttp peer) go into the Python environment named by $PYTHON
+# (default: python3).
 set -eu
 
 PYTHON="${PYTHON:-python3}"
@@ -15,6 +16,9 @@ command -v wrk >/dev/null 2>&1 || need_apt="$need_apt wrk"
 if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
     need_apt="$need_apt nginx-light"
 fi
+# Go's httputil.ReverseProxy peer (bench/peers/goproxy.go: standard library
+# only, built offline by the harness).
+command -v go >/dev/null 2>&1 || need_apt="$need_apt golang-go"
 
 if [ -n "$need_apt" ]; then
     SUDO=""
@@ -29,7 +33,7 @@ if [ -n "$need_apt" ]; then
         $SUDO systemctl disable --now nginx >/dev/null 2>&1 || true
     fi
 else
-    echo "setup: wrk and nginx already present"
+    echo "setup: wrk, nginx and go already present"
 fi
 
 if "$PYTHON" -c 'import aiohttp, uvloop' >/dev/null 2>&1; then
@@ -39,8 +43,4 @@ else
     "$PYTHON" -m pip install --quiet --disable-pip-version-check aiohttp uvloop
 fi
 
-if command -v go >/dev/null 2>&1; then
-    echo "setup: go found ($(go version)); the Go peer will be benchmarked"
-else
-    echo "setup: go not found; the Go peer row will be skipped (not installed by this script)"
-fi
+echo "setup: $(go version); the Go peer will be benchmarked"

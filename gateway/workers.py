@@ -229,6 +229,9 @@ class WorkerSupervisor(Service):
         env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
         env["TXGATEWAY_WORKER"] = str(index)
         env["TXGATEWAY_MASTER_PID"] = str(os.getpid())
+        # The socket's address family, so that the worker need not make a
+        # socket object of the shared descriptor to learn it (adopted_endpoint).
+        env[FAMILY_VARIABLE] = str(int(self._port.socket.family))
         worker = _Worker(self, index)
         args = [self._executable, *self._worker_args(index)]
         self._reactor.spawnProcess(
@@ -364,12 +367,34 @@ class ParentWatch(Service):
             self._reactor.stop()
 
 
+#: The environment variable in which the master tells its workers the
+#: listening socket's address family (a C{socket.AF_*} number).
+FAMILY_VARIABLE = "TXGATEWAY_LISTEN_FAMILY"
+
+
 def adopted_endpoint(reactor, fd: int):
-    """The server endpoint for the listening socket inherited as C{fd}."""
+    """
+    The server endpoint for the listening socket inherited as C{fd}.
+
+    The socket's family comes from the master (L{FAMILY_VARIABLE}). Making
+    a socket object of C{fd} to ask it would, on PyPy, switch the socket
+    to blocking mode: PyPy's C{socket.socket(fileno=...)} (and
+    C{socket.fromfd}) clears C{O_NONBLOCK}, a flag of the open file
+    description that the master and every worker share. A worker already
+    serving then blocks in C{accept()} inside its reactor until another
+    client connects, while the connections it accepted wait: the
+    15-second stalls seen when a PyPy worker started beside another.
+    Without the variable (a worker started by hand) the family is probed
+    and the flag put back at once.
+    """
     from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 
+    family = os.environ.get(FAMILY_VARIABLE)
+    if family:
+        return AdoptedStreamServerEndpoint(reactor, fd, socket.AddressFamily(int(family)))
     probe = socket.socket(fileno=fd)
     family = probe.family
+    probe.setblocking(False)
     probe.detach()
     return AdoptedStreamServerEndpoint(reactor, fd, family)
 

@@ -391,7 +391,9 @@ from twisted.internet.error import ProcessTerminated
 from twisted.python.failure import Failure
 
 from gateway.workers import (
+    FAMILY_VARIABLE,
     WorkerSupervisor,
+    adopted_endpoint,
     log_format_argument,
     parse_workers,
 )
@@ -427,6 +429,8 @@ class _FakePort:
     def __init__(self):
         self.reading = True
         self.closed = False
+        self.socket = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        self.socket.close()  # (only its family is read)
 
     def stopReading(self):
         self.reading = False
@@ -475,7 +479,57 @@ def test_supervisor_spawns_workers_on_the_shared_socket(supervised):
     assert fds[3] == 42
     assert env["TXGATEWAY_WORKER"] == "1" and "NOTIFY_SOCKET" not in env
     assert env["PROMETHEUS_MULTIPROC_DIR"] == supervisor.metrics_dir
+    assert env[FAMILY_VARIABLE] == str(int(socket.AF_INET6))
     assert supervisor.ready.called
+
+
+def _nonblocking(fd: int) -> bool:
+    import fcntl
+
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK)
+
+
+@pytest.fixture
+def listening():
+    """A non-blocking listening socket and a second descriptor of it (as a worker inherits)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(5)
+    s.setblocking(False)
+    shared = os.dup(s.fileno())
+    yield s, shared
+    s.close()
+
+
+def test_worker_adopts_the_socket_without_touching_its_blocking_mode(listening, monkeypatch):
+    """
+    The family comes from the master: no socket object is made of the
+    shared descriptor (on PyPy that clears O_NONBLOCK for every process).
+    """
+    from twisted.internet import reactor
+
+    s, shared = listening
+    monkeypatch.setenv(FAMILY_VARIABLE, str(int(socket.AF_INET)))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a socket object was made of the shared descriptor")
+
+    monkeypatch.setattr("gateway.workers.socket.socket", refuse)
+    endpoint = adopted_endpoint(reactor, shared)
+    assert endpoint.addressFamily == socket.AF_INET and endpoint.fileno == shared
+    assert _nonblocking(s.fileno())
+    os.close(shared)
+
+
+def test_worker_started_by_hand_probes_the_family_and_stays_nonblocking(listening, monkeypatch):
+    from twisted.internet import reactor
+
+    s, shared = listening
+    monkeypatch.delenv(FAMILY_VARIABLE, raising=False)
+    endpoint = adopted_endpoint(reactor, shared)
+    assert endpoint.addressFamily == socket.AF_INET
+    assert _nonblocking(s.fileno())  # cleared and not put back by the probe on PyPy before
+    os.close(shared)
 
 
 def test_supervisor_replaces_dead_workers_with_growing_delays(supervised):

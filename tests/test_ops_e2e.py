@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from tests.harness import ON_PYPY, Gateway, get, wait_for
+from tests.harness import Gateway, get, wait_for
 
 
 def _two_services(backends, routes: str, extra: str = "") -> str:
@@ -693,19 +693,9 @@ class SocketActivated:
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_socket_activated_restart_refuses_no_connection(backends, workers, request):
+def test_socket_activated_restart_refuses_no_connection(backends, workers):
     if shutil.which("systemd-socket-activate") is None:
         pytest.skip("systemd-socket-activate is not installed")
-    if ON_PYPY and workers == 2:
-        # Open bug: under PyPy, about one run in five (in an earlier
-        # session; 0 in 18 runs since, 12 of them with a CPU hog on the
-        # other core), the three clients' requests all hang for the full
-        # 15 s timeout during one restart with two workers (never seen on
-        # CPython in 8 runs, nor with one worker). 15 s is also when the
-        # old master kills a worker that has not exited (drain_timeout 5 s
-        # + 10): a worker slow to exit would hold the next gateway back
-        # that long. Not yet explained; kept running, not skipped.
-        request.applymarker(pytest.mark.xfail(reason="PyPy, 2 workers: restart hang, open bug", strict=False))
     config = _two_services(backends, _ROUTES_A, f"workers: {workers}\ndrain_timeout: 5s")
     activated = SocketActivated(config)
     results = {"ok": 0, "failures": []}

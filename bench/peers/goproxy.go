@@ -1,7 +1,8 @@
 // Peer: Go's net/http/httputil.ReverseProxy, keep-alive pool to the origin.
 //
-// Benchmarked only when `go` is on PATH (the harness builds it into its temp
-// dir with `go build`; it never installs Go).  Pinned to one core by taskset,
+// bench/setup.sh installs Go (Debian's golang-go) when it is missing; the
+// harness builds this file into its temp dir with `go build` and skips the
+// row with a note where there is no `go`.  Pinned to one core by taskset,
 // the Go runtime sees one CPU, so GOMAXPROCS is 1 like the other peers.
 //
 //	go run bench/peers/goproxy.go -port 8080 -origin http://127.0.0.1:8081
