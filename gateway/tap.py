@@ -347,12 +347,13 @@ def makeService(options: Options, reactor=None) -> GatewayService:
 
     listen = options["listen"] or config.listen
     if worker_fd is not None:
-        from gateway.workers import ParentWatch, adopted_endpoint, count_requests
+        from gateway.workers import BackendGauges, ParentWatch, adopted_endpoint, count_requests
 
         endpoint = adopted_endpoint(reactor, worker_fd)
         ParentWatch(reactor).setServiceParent(root)
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             count_requests(gateway, options["worker-index"])
+            BackendGauges(gateway, reactor).setServiceParent(root)
     else:
         endpoint = serverFromString(reactor, with_backlog(listen))
 

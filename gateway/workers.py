@@ -31,6 +31,8 @@ mode: C{PROMETHEUS_MULTIPROC_DIR} is set to a fresh directory (or the one
 the master was given), each worker's metrics are written there, and the
 master's C{/metrics} merges them with C{MultiProcessCollector}. Gauges must
 say how to merge (C{multiprocess_mode}); see the prometheus-client docs.
+The backend gauges, which one process reads from its state at each scrape,
+are written by each worker every second (L{BackendGauges}).
 
 Per-process state stays per worker: in-memory rate-limit buckets, the
 in-memory response cache, health and breaker state. With N workers a
@@ -413,6 +415,97 @@ def count_requests(gateway, index: int) -> None:
         registry=None,  # written to PROMETHEUS_MULTIPROC_DIR, read by the master
     ).labels(str(index))
     gateway.request_observers.append(lambda context: counter.inc())
+
+
+#: Seconds between two writes of a worker's backend gauges (L{BackendGauges}).
+BACKEND_GAUGE_INTERVAL = 1.0
+
+
+class BackendGauges(Service):
+    """
+    A worker's backend gauges, for the master's merged C{/metrics}.
+
+    In one process, C{gateway_backend_healthy}, C{gateway_circuit_state}
+    and C{gateway_active_connections} are read from the gateway's state at
+    each scrape (L{gateway.metrics.backend_states}); the master has no such
+    state, its workers do. So every C{interval} seconds each worker writes
+    its view into multiprocess gauges (prometheus-client's files in
+    C{PROMETHEUS_MULTIPROC_DIR}), merged by the master as each gauge's
+    C{multiprocess_mode} says:
+
+      - C{gateway_backend_healthy}: C{livemin}, 0 when any live worker has
+        the backend down (unhealthy or ejected);
+      - C{gateway_circuit_state}: C{livemax}, the most open breaker of the
+        live workers (0 closed, 1 open, 2 half-open);
+      - C{gateway_active_connections}: C{livesum}, the requests in flight
+        from all live workers.
+
+    Values are up to C{interval} seconds old; a backend that left the
+    config leaves the gauges at the next write.
+
+    @param gateway: the worker's L{gateway.state.Gateway}.
+    @param reactor: C{IReactorTime}.
+    @param interval: seconds between writes.
+    """
+
+    name = "backend-gauges"
+
+    def __init__(self, gateway, reactor, interval: float = BACKEND_GAUGE_INTERVAL) -> None:
+        from prometheus_client import Gauge
+
+        self._gateway = gateway
+        labels = ["service", "backend"]
+        self.healthy = Gauge(
+            "gateway_backend_healthy", "1 if the backend is healthy and not ejected, else 0.",
+            labels, registry=None, multiprocess_mode="livemin",
+        )
+        self.circuit = Gauge(
+            "gateway_circuit_state", "Circuit breaker state: 0 closed, 1 open, 2 half-open.",
+            labels, registry=None, multiprocess_mode="livemax",
+        )
+        self.active = Gauge(
+            "gateway_active_connections", "Requests in flight to the backend.",
+            labels, registry=None, multiprocess_mode="livesum",
+        )
+        self._written: set = set()
+        self._loop = LoopingCall(self.write)
+        self._loop.clock = reactor
+        self._interval = interval
+
+    def write(self) -> None:
+        """Write every backend's current state (and drop backends gone)."""
+        from gateway.breaker import STATE_VALUES
+        from gateway.metrics import backend_states
+
+        seen = set()
+        for state in backend_states(self._gateway):
+            key = (state["service"], state["backend"])
+            seen.add(key)
+            up = state.get("healthy", True) and not state.get("ejected", False)
+            self.healthy.labels(*key).set(1.0 if up else 0.0)
+            value = state.get("circuit_value")
+            if value is None:
+                value = STATE_VALUES.get(state.get("circuit", "closed"), 0)
+            self.circuit.labels(*key).set(float(value))
+            self.active.labels(*key).set(float(state.get("active", 0)))
+        for key in self._written - seen:
+            for gauge in (self.healthy, self.circuit, self.active):
+                try:
+                    gauge.remove(*key)
+                except KeyError:
+                    pass
+        self._written = seen
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop.start(self._interval, now=True).addErrback(
+            lambda f: _log.failure("writing the backend gauges failed", f)
+        )
+
+    def stopService(self):
+        super().stopService()
+        if self._loop.running:
+            self._loop.stop()
 
 
 # --- the master's admin endpoints -------------------------------------------------

@@ -392,6 +392,7 @@ from twisted.python.failure import Failure
 
 from gateway.workers import (
     FAMILY_VARIABLE,
+    BackendGauges,
     WorkerSupervisor,
     adopted_endpoint,
     log_format_argument,
@@ -601,3 +602,36 @@ def test_check_summary_shows_workers_and_tls(tmp_path):
     )
     text = summary(config)
     assert "workers: auto" in text and "tls: api.test (h2 offered)" in text
+
+
+class _StatesGateway:
+    def __init__(self, states):
+        self.states = states
+
+    def backend_states(self):
+        return self.states
+
+
+def _gauge_values(gauge) -> dict:
+    return {labels: child._value.get() for labels, child in gauge._metrics.items()}
+
+
+def test_worker_writes_its_backend_gauges_every_interval():
+    clock = Clock()
+    a = {"service": "svc", "backend": "http://a", "healthy": True, "ejected": False,
+         "circuit": "closed", "circuit_value": 0, "active": 2}
+    b = dict(a, backend="http://b", active=0)
+    gateway = _StatesGateway([a, b])
+    gauges = BackendGauges(gateway, clock, interval=1.0)
+    gauges.startService()
+    assert _gauge_values(gauges.healthy) == {("svc", "http://a"): 1.0, ("svc", "http://b"): 1.0}
+    assert _gauge_values(gauges.active) == {("svc", "http://a"): 2.0, ("svc", "http://b"): 0.0}
+    gateway.states = [dict(a, ejected=True, circuit="open", circuit_value=1, active=0)]  # b left the config
+    clock.advance(0.9)
+    assert _gauge_values(gauges.circuit)[("svc", "http://a")] == 0.0  # not yet
+    clock.advance(0.1)
+    assert _gauge_values(gauges.healthy) == {("svc", "http://a"): 0.0}
+    assert _gauge_values(gauges.circuit) == {("svc", "http://a"): 1.0}
+    assert _gauge_values(gauges.active) == {("svc", "http://a"): 0.0}
+    gauges.stopService()
+    assert not clock.getDelayedCalls()

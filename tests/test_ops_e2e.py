@@ -500,6 +500,12 @@ def test_workers_share_the_socket_and_merge_metrics(backends):
         served = _metric(metrics, "txgateway_worker_requests_total")
         assert sum(served.values()) == 40, metrics
         assert _metric(metrics, "txgateway_workers") == {"": 2.0}
+        # the backend gauges, which live in the workers, merged by the master
+        healthy = _metric(metrics, "gateway_backend_healthy")
+        urls = {b.url for b in backends[:2]}  # (the two services' backends)
+        assert {re.search(r'backend="([^"]+)"', k).group(1) for k in healthy} == urls, metrics
+        assert all(v == 1.0 for v in healthy.values()), healthy
+        assert _metric(metrics, "gateway_circuit_state") and _metric(metrics, "gateway_active_connections")
     finally:
         assert gw.stop() == 0, gw.log()
     for pid in pids:
