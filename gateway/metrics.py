@@ -90,6 +90,28 @@ def backend_states(gateway) -> list:
     return states
 
 
+#: The backend gauges: (name, help), labelled by service and backend, in
+#: the order of the values of L{backend_gauge_values}.
+BACKEND_GAUGES = (
+    ("gateway_backend_healthy", "1 if the backend is healthy and not ejected, else 0."),
+    ("gateway_circuit_state", "Circuit breaker state: 0 closed, 1 open, 2 half-open."),
+    ("gateway_active_connections", "Requests in flight to the backend."),
+)
+
+
+def backend_gauge_values(state: dict) -> tuple:
+    """
+    The values of L{BACKEND_GAUGES} for one of L{backend_states}: healthy
+    (1.0 when healthy and not ejected, else 0.0), circuit (0.0 closed, 1.0
+    open, 2.0 half-open) and requests in flight.
+    """
+    up = state.get("healthy", True) and not state.get("ejected", False)
+    circuit = state.get("circuit_value")
+    if circuit is None:
+        circuit = STATE_VALUES.get(state.get("circuit", "closed"), 0)
+    return (1.0 if up else 0.0, float(circuit), float(state.get("active", 0)))
+
+
 class _BackendCollector:
     """Backend gauges, read from L{backend_states} at each scrape."""
 
@@ -97,35 +119,21 @@ class _BackendCollector:
         self._gateway = gateway
 
     def _families(self):
-        labels = ["service", "backend"]
-        return (
-            GaugeMetricFamily(
-                "gateway_backend_healthy", "1 if the backend is healthy and not ejected, else 0.", labels=labels
-            ),
-            GaugeMetricFamily(
-                "gateway_circuit_state", "Circuit breaker state: 0 closed, 1 open, 2 half-open.", labels=labels
-            ),
-            GaugeMetricFamily(
-                "gateway_active_connections", "Requests in flight to the backend.", labels=labels
-            ),
+        return tuple(
+            GaugeMetricFamily(name, text, labels=["service", "backend"]) for name, text in BACKEND_GAUGES
         )
 
     def describe(self):
         return self._families()
 
     def collect(self):
-        healthy, circuit, active = self._families()
+        families = self._families()
         if self._gateway is not None:
             for state in backend_states(self._gateway):
                 labels = [state["service"], state["backend"]]
-                up = state.get("healthy", True) and not state.get("ejected", False)
-                healthy.add_metric(labels, 1.0 if up else 0.0)
-                value = state.get("circuit_value")
-                if value is None:
-                    value = STATE_VALUES.get(state.get("circuit", "closed"), 0)
-                circuit.add_metric(labels, float(value))
-                active.add_metric(labels, float(state.get("active", 0)))
-        return [healthy, circuit, active]
+                for family, value in zip(families, backend_gauge_values(state)):
+                    family.add_metric(labels, value)
+        return list(families)
 
 
 class _RouteChildren:

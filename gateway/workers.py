@@ -50,6 +50,7 @@ import sys
 import tempfile
 from typing import Any, Callable, Optional
 
+from twisted.application.internet import TimerService
 from twisted.application.service import Service
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -421,17 +422,16 @@ def count_requests(gateway, index: int) -> None:
 BACKEND_GAUGE_INTERVAL = 1.0
 
 
-class BackendGauges(Service):
+class BackendGauges(TimerService):
     """
     A worker's backend gauges, for the master's merged C{/metrics}.
 
-    In one process, C{gateway_backend_healthy}, C{gateway_circuit_state}
-    and C{gateway_active_connections} are read from the gateway's state at
-    each scrape (L{gateway.metrics.backend_states}); the master has no such
-    state, its workers do. So every C{interval} seconds each worker writes
-    its view into multiprocess gauges (prometheus-client's files in
-    C{PROMETHEUS_MULTIPROC_DIR}), merged by the master as each gauge's
-    C{multiprocess_mode} says:
+    In one process, the L{gateway.metrics.BACKEND_GAUGES} are read from
+    the gateway's state at each scrape (L{gateway.metrics.backend_states});
+    the master has no such state, its workers do. So every C{interval}
+    seconds each worker writes its view into multiprocess gauges
+    (prometheus-client's files in C{PROMETHEUS_MULTIPROC_DIR}), merged by
+    the master as each gauge's C{multiprocess_mode} says:
 
       - C{gateway_backend_healthy}: C{livemin}, 0 when any live worker has
         the backend down (unhealthy or ejected);
@@ -448,64 +448,40 @@ class BackendGauges(Service):
     @param interval: seconds between writes.
     """
 
-    name = "backend-gauges"
+    _MODES = ("livemin", "livemax", "livesum")  # in the order of BACKEND_GAUGES
 
     def __init__(self, gateway, reactor, interval: float = BACKEND_GAUGE_INTERVAL) -> None:
         from prometheus_client import Gauge
 
+        from gateway.metrics import BACKEND_GAUGES
+
+        super().__init__(interval, self.write)
+        self.clock = reactor
+        self.setName("backend-gauges")
         self._gateway = gateway
-        labels = ["service", "backend"]
-        self.healthy = Gauge(
-            "gateway_backend_healthy", "1 if the backend is healthy and not ejected, else 0.",
-            labels, registry=None, multiprocess_mode="livemin",
-        )
-        self.circuit = Gauge(
-            "gateway_circuit_state", "Circuit breaker state: 0 closed, 1 open, 2 half-open.",
-            labels, registry=None, multiprocess_mode="livemax",
-        )
-        self.active = Gauge(
-            "gateway_active_connections", "Requests in flight to the backend.",
-            labels, registry=None, multiprocess_mode="livesum",
+        self.healthy, self.circuit, self.active = self._gauges = tuple(
+            Gauge(name, text, ["service", "backend"], registry=None, multiprocess_mode=mode)
+            for (name, text), mode in zip(BACKEND_GAUGES, self._MODES)
         )
         self._written: set = set()
-        self._loop = LoopingCall(self.write)
-        self._loop.clock = reactor
-        self._interval = interval
 
     def write(self) -> None:
         """Write every backend's current state (and drop backends gone)."""
-        from gateway.breaker import STATE_VALUES
-        from gateway.metrics import backend_states
+        from gateway.metrics import backend_gauge_values, backend_states
 
         seen = set()
         for state in backend_states(self._gateway):
             key = (state["service"], state["backend"])
             seen.add(key)
-            up = state.get("healthy", True) and not state.get("ejected", False)
-            self.healthy.labels(*key).set(1.0 if up else 0.0)
-            value = state.get("circuit_value")
-            if value is None:
-                value = STATE_VALUES.get(state.get("circuit", "closed"), 0)
-            self.circuit.labels(*key).set(float(value))
-            self.active.labels(*key).set(float(state.get("active", 0)))
+            for gauge, value in zip(self._gauges, backend_gauge_values(state)):
+                gauge.labels(*key).set(value)
         for key in self._written - seen:
-            for gauge in (self.healthy, self.circuit, self.active):
+            for gauge in self._gauges:
                 try:
                     gauge.remove(*key)
                 except KeyError:
                     pass
         self._written = seen
-
-    def startService(self) -> None:
-        super().startService()
-        self._loop.start(self._interval, now=True).addErrback(
-            lambda f: _log.failure("writing the backend gauges failed", f)
-        )
-
-    def stopService(self):
-        super().stopService()
-        if self._loop.running:
-            self._loop.stop()
 
 
 # --- the master's admin endpoints -------------------------------------------------
