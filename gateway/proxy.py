@@ -581,11 +581,7 @@ class ProxyResource(Resource):
             context.status = 499  # the client closed the connection first
         else:
             context.status = request.code
-        for observer in self._gateway.request_observers:
-            try:
-                observer(context)
-            except Exception:
-                _log.failure("request observer failed", request_id=context.request_id)
+        notify_observers(self._gateway.request_observers, context)
         exchange = context.exchange
         if exchange is not None:
             exchange.end_retry()
@@ -705,17 +701,7 @@ class GatewayRequest(server.Request):
             # HTTP/2: no raw bytes on a shared connection; this stream gets
             # its 413 when the request ends (requestReceived).
             return
-        channel = self.channel
-        refuse_connection(
-            channel.transport,
-            413,
-            "request body too large",
-            self.requestHeaders,
-            getattr(channel.site, "gateway", None),
-            getattr(channel, "_command", b""),
-            getattr(channel, "_path", b""),
-            channel.isSecure(),
-        )
+        refuse_on(self.channel, 413, "request body too large", self.requestHeaders)
 
     def requestReceived(self, command, path, version) -> None:
         if self._too_large:
@@ -798,17 +784,34 @@ def refuse_connection(
         _observe_refusal(gateway, request_id, client, status, message, method, target, len(body))
 
 
+def refuse_on(channel: http.HTTPChannel, status: int, message: str, headers=None) -> None:
+    """
+    L{refuse_connection} on an HTTP/1.1 channel, with what the channel
+    knows: its site's gateway, the request line if it was read, TLS or not.
+    """
+    refuse_connection(
+        channel.transport,
+        status,
+        message,
+        headers,
+        getattr(channel.site, "gateway", None),
+        getattr(channel, "_command", b""),
+        getattr(channel, "_path", b""),
+        channel.isSecure(),
+    )
+
+
 def _security_header_lines(gateway: Gateway, secure: bool) -> bytes:
     """The top-level security headers as C{Name: value\\r\\n} lines."""
     from twisted.web.http_headers import Headers
 
-    from gateway.filters.security_headers import DEFAULT, NAME
+    from gateway.filters.security_headers import headers_for
 
-    settings = gateway.snapshot.config.options.get(NAME, DEFAULT)
-    if settings is None:
+    chosen = headers_for(gateway.snapshot.config.options, secure)
+    if chosen is None:
         return b""
     out = Headers()
-    (settings.tls if secure else settings.plain).apply(out)
+    chosen.apply(out)
     return b"".join(
         name + b": " + value + b"\r\n" for name, values in out.getAllRawHeaders() for value in values
     )
@@ -825,11 +828,19 @@ def _observe_refusal(gateway, request_id, client, status, message, method, targe
     context.error = message
     context.bytes_out = sent
     context.ended = now
-    for observer in gateway.request_observers:
+    notify_observers(gateway.request_observers, context)
+
+
+def notify_observers(observers, context: RequestContext) -> None:
+    """
+    Hand a finished request's C{context} to each request observer (access
+    log, metrics, dashboard); one that raises is logged, the others still run.
+    """
+    for observer in observers:
         try:
             observer(context)
         except Exception:
-            _log.failure("request observer failed", request_id=request_id)
+            _log.failure("request observer failed", request_id=context.request_id)
 
 
 class GatewayChannel(http.HTTPChannel):
@@ -938,16 +949,7 @@ class GatewayChannel(http.HTTPChannel):
         headers = self.requests[-1].requestHeaders if self.requests else None
         # Stop parsing: nothing more this client sends is read.
         self.dataReceived = self.lineReceived = lambda *args: None
-        refuse_connection(
-            self.transport,
-            status,
-            message,
-            headers,
-            getattr(self.site, "gateway", None),
-            getattr(self, "_command", b""),
-            getattr(self, "_path", b""),
-            self.isSecure(),
-        )
+        refuse_on(self, status, message, headers)
 
 
 def _channel_factory(site) -> http._GenericHTTPChannelProtocol:

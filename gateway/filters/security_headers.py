@@ -112,15 +112,25 @@ class SecurityHeadersFilter:
         pass
 
     def on_response(self, request, context) -> None:
-        if context.route is not None:
-            settings = context.route.options.get(NAME, DEFAULT)
-        else:
-            # No route (404): the top-level settings, if any.
-            settings = context.snapshot.config.options.get(NAME, DEFAULT)
-        if settings is None:
-            return
-        chosen = settings.tls if request.isSecure() else settings.plain
-        chosen.apply(request.responseHeaders)
+        # No route (404): the top-level settings, if any.
+        options = context.route.options if context.route is not None else context.snapshot.config.options
+        chosen = headers_for(options, request.isSecure())
+        if chosen is not None:
+            chosen.apply(request.responseHeaders)
+
+
+def headers_for(options: dict, secure: bool) -> Optional[SecurityHeaders]:
+    """
+    The security headers a response gets under C{options} (a route's, or
+    the top-level ones when no route was chosen), or None when they are
+    switched off.
+
+    @param secure: whether the connection is TLS (C{Strict-Transport-Security}).
+    """
+    settings = options.get(NAME, DEFAULT)
+    if settings is None:
+        return None
+    return settings.tls if secure else settings.plain
 
 
 register_filter(ORDER, NAME, SecurityHeadersFilter)
