@@ -109,9 +109,7 @@ def access_text(fields: dict) -> str:
     C{{} and C{}} doubled, so that it is itself a C{log_format} with no
     replacement fields: formatting it gives the text back.
     """
-    text = '"%s %s" %s %sms %s' % (
-        fields["method"], fields["path"], fields["status"], fields["duration_ms"], fields["request_id"]
-    )
+    text = ACCESS_FORMAT.format_map(fields)
     if "{" in text or "}" in text:
         text = text.replace("{", "{{").replace("}", "}}")
     return text
