@@ -10,7 +10,7 @@ for the matching rules (deny wins; with an allow list, only its networks).
 C{ip_rules: false} on a route turns a top-level default off.
 
 The address matched is the client's as the rate limiter sees it
-(L{gateway.ratelimit.client_ip}): the TCP peer's, unless the peer is in the
+(L{gateway.filters.rate_limit.forwarded_client}): the TCP peer's, unless the peer is in the
 top-level C{trusted_proxies}; then C{X-Forwarded-For} is read from right to
 left, past the trusted proxies, to the first address they did not add.
 Without C{trusted_proxies}, behind a load balancer, it is the balancer's.
@@ -24,10 +24,9 @@ from typing import Any, Optional
 from twisted.logger import Logger
 
 from gateway.config import Extension, ParseContext, Section, Where, register, sequence, string
+from gateway.filters.rate_limit import forwarded_client
 from gateway.iprules import IpRules
 from gateway.pipeline import Answer, register_filter
-from gateway.filters.rate_limit import TRUSTED_PROXIES
-from gateway.ratelimit import client_ip
 
 NAME = "ip_rules"
 ORDER = 20
@@ -79,10 +78,7 @@ class IpRulesFilter:
         rules = context.route.options.get(NAME)
         if rules is None:
             return None
-        client = context.client_ip
-        trusted = context.snapshot.config.options.get(TRUSTED_PROXIES)
-        if trusted:
-            client = client_ip(client, request.requestHeaders.getRawHeaders(b"x-forwarded-for"), trusted)
+        client = forwarded_client(request, context)
         if rules.allows(client):
             return None
         context.error = "client address refused"

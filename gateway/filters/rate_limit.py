@@ -265,6 +265,18 @@ def parse_trusted_proxies(where: Where, value: Any, context: ParseContext) -> tu
     return tuple(networks)
 
 
+def forwarded_client(request, context) -> str:
+    """
+    The client's address (L{gateway.ratelimit.client_ip}): the TCP peer's,
+    or behind the top-level C{trusted_proxies} the first address right to
+    left in C{X-Forwarded-For} that is not a trusted proxy. Normalized
+    (IPv4-mapped IPv6 as IPv4); the peer as given if it is not an address.
+    """
+    trusted = context.snapshot.config.options.get(TRUSTED_PROXIES) or ()
+    forwarded = request.requestHeaders.getRawHeaders(b"x-forwarded-for") if trusted else None
+    return client_ip(context.client_ip, forwarded, trusted)
+
+
 RATE_LIMIT = Extension(NAME, parse_rate_limit, default=None, top_default=True)
 register("top", Extension(TRUSTED_PROXIES, parse_trusted_proxies, default=()))
 register("service", RATE_LIMIT)
@@ -451,9 +463,7 @@ class RateLimitFilter:
         elif kind == "consumer" and context.consumer:
             part = "c:" + _bounded(context.consumer)
         if part is None:
-            trusted = context.snapshot.config.options.get(TRUSTED_PROXIES) or ()
-            forwarded = request.requestHeaders.getRawHeaders(b"x-forwarded-for") if trusted else None
-            part = "ip:" + client_ip(context.client_ip, forwarded, trusted)
+            part = "ip:" + forwarded_client(request, context)
         return self._scope(conf, context.route) + part
 
     def on_request(self, request, context):
