@@ -864,6 +864,25 @@ class GatewayChannel(http.HTTPChannel):
     _header_timeout: Optional[float] = None
     _header_call = None
     _secure: Optional[bool] = None
+    _host = None
+    _peer = None
+
+    def getPeer(self):
+        # Fixed for the connection too; Twisted builds a new address object
+        # on every call (several per request).
+        peer = self._peer
+        if peer is None:
+            peer = self._peer = super().getPeer()
+        return peer
+
+    def getHost(self):
+        # Each Request asks for the local address when it is made, and for a
+        # TCP transport that is a getsockname() system call every time (2%
+        # of the CPU under load); a connection's local address is fixed.
+        host = self._host
+        if host is None:
+            host = self._host = super().getHost()
+        return host
 
     def isSecure(self) -> bool:
         # Twisted adapts the transport to ISSLTransport on every call (about
