@@ -32,12 +32,34 @@ def valid_request_id(value: bytes) -> bool:
     return _VALID.fullmatch(value) is not None
 
 
+#: Random bytes read from the system at once, for this many IDs: one
+#: C{getrandom} system call per 256 requests instead of one per request.
+_BATCH = 256
+_pool = b""
+_offset = 0
+
+
+def _forget_pool() -> None:
+    # A forked child must not hand out the IDs its parent will also use.
+    global _pool, _offset
+    _pool, _offset = b"", 0
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
 def new_request_id() -> str:
     """
-    A fresh request ID: 32 lowercase hex digits from 128 random bits
-    (C{os.urandom}, about half a microsecond).
+    A fresh request ID: 32 lowercase hex digits from 128 random bits of
+    C{os.urandom}, read 256 IDs' worth at a time (and never shared with a
+    forked child).
     """
-    return os.urandom(16).hex()
+    global _pool, _offset
+    offset = _offset
+    if offset >= len(_pool):
+        _pool, offset = os.urandom(16 * _BATCH), 0
+    _offset = offset + 16
+    return _pool[offset : offset + 16].hex()
 
 
 def request_id(headers: Headers, header: bytes = REQUEST_ID_HEADER) -> bytes:
