@@ -38,6 +38,7 @@ the key.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import math
@@ -1110,11 +1111,15 @@ class RateLimiter:
 # --- the client's address -----------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4096)
 def _parse_ip(text: str) -> Optional[IPAddress]:
     """
     An address from C{text}: C{1.2.3.4}, C{1.2.3.4:80}, C{::1}, C{[::1]:80};
     IPv4-mapped IPv6 addresses (C{::ffff:1.2.3.4}, as a dual-stack listener
     reports IPv4 peers) become IPv4.  L{None} if C{text} is none of those.
+
+    Remembered for the 4,096 texts seen last: the same peers and proxies
+    come back request after request, and L{ipaddress} parses in Python.
     """
     text = text.strip()
     try:
@@ -1133,6 +1138,14 @@ def _parse_ip(text: str) -> Optional[IPAddress]:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
         return address.ipv4_mapped
     return address
+
+
+@functools.lru_cache(maxsize=4096)
+def _normalized(peer: str) -> str:
+    # The address as client_ip returns it: normalized text, or the peer as
+    # given if it is not an address.
+    address = _parse_ip(peer)
+    return peer if address is None else str(address)
 
 
 def _is_trusted(address: IPAddress, trusted: Sequence[IPNetwork]) -> bool:
@@ -1172,11 +1185,13 @@ def client_ip(
         L{ipaddress.IPv6Network}
     @rtype: L{str}
     """
+    if not xff_header_values:
+        return _normalized(peer)
     address = _parse_ip(peer)
     if address is None:
         return peer
-    if not xff_header_values or not _is_trusted(address, trusted_proxies):
-        return str(address)
+    if not _is_trusted(address, trusted_proxies):
+        return _normalized(peer)
     entries = b",".join(xff_header_values).decode("latin-1").split(",")
     for entry in reversed(entries):
         hop = _parse_ip(entry)
