@@ -95,6 +95,48 @@ def test_content_length_response_and_keep_alive_reuse():
     assert result(d2).code == 204
 
 
+def test_one_parser_serves_response_after_response():
+    """
+    A connection keeps its parser from one response to the next; after a
+    response that stopped the parser (HEAD, a body of known length still to
+    come) the next one gets a new parser, and every response in the mix is
+    read right.
+    """
+    _, pool, ep = setup()
+
+    def exchange(method, *chunks):
+        d = send(pool, ep, method)
+        proto = ep.protocols[0]
+        for chunk in chunks:
+            proto.dataReceived(chunk)
+        response = result(d)
+        body = Body()
+        response.deliverBody(body)
+        assert body.reason.check(ResponseDone)
+        assert pool._idle["k"] == [proto]
+        return proto, response, b"".join(body.data)
+
+    proto, response, body = exchange(b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    parser = proto._parser
+    assert (response.code, body) == (200, b"ok")
+    _, response, body = exchange(b"GET", b"HTTP/1.1 201 Created\r\nContent-Length: 3\r\n\r\nnew")
+    assert (response.code, body) == (201, b"new")
+    assert proto._parser is parser  # whole responses: the same parser
+    _, response, body = exchange(b"HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n")
+    assert (response.code, body) == (200, b"")
+    _, response, body = exchange(
+        b"GET", b"HTTP/1.1 202 Accepted\r\nContent-Length: 6\r\n\r\nsp", b"lit", b"!"
+    )
+    assert (response.code, body) == (202, b"split!")
+    _, response, body = exchange(
+        b"GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    )
+    assert (response.code, body) == (200, b"abc")
+    _, response, body = exchange(b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nlast")
+    assert (response.code, body) == (200, b"last")
+    assert len(ep.protocols) == 1
+
+
 def test_chunked_body():
     _, pool, ep = setup()
     d = send(pool, ep)
