@@ -36,6 +36,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from gateway.config import Config, ConfigError, load_config
+from gateway.reactor import install_unless_chosen
 
 _log = Logger()
 
@@ -118,6 +119,9 @@ class Options(usage.Options):
             raise SystemExit(f"{os.path.basename(sys.argv[0])} gateway: {e}")
 
     def postOptions(self) -> None:
+        # Before anything imports the global reactor: with no --reactor
+        # given, the gateway runs on its own (gateway.reactor).
+        install_unless_chosen()
         path = self["config"]
         if path is None:
             path = next((p for p in DEFAULT_CONFIG_PATHS if os.path.exists(p)), None)

@@ -108,14 +108,34 @@ MAX_RESTART_DELAY = 30.0
 _MASTER_ONLY = ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC")
 
 
+def _option(argv: list[str], name: str, short: Optional[str] = None) -> Optional[str]:
+    """
+    The value of option C{--name} (or C{-short}) in C{argv}, in any of the
+    forms C{--name=V}, C{--name V}, C{-sV}, C{-s V}; L{None} if absent.
+    """
+    for i, arg in enumerate(argv):
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+        if (arg == name or arg == short) and i + 1 < len(argv):
+            return argv[i + 1]
+        if short is not None and arg.startswith(short) and len(arg) > len(short):
+            return arg[len(short):]
+    return None
+
+
 def log_format_argument(argv: list[str]) -> str:
     """The C{--log-format} the master was run with (C{text} if none)."""
-    for i, arg in enumerate(argv):
-        if arg.startswith("--log-format="):
-            return arg.split("=", 1)[1]
-        if arg == "--log-format" and i + 1 < len(argv):
-            return argv[i + 1]
-    return "text"
+    return _option(argv, "--log-format") or "text"
+
+
+def reactor_arguments(argv: list[str]) -> list[str]:
+    """
+    The C{--reactor} the master was run with, as arguments for a worker:
+    C{[]} if none (each then installs the gateway's own,
+    L{gateway.reactor.install_unless_chosen}).
+    """
+    name = _option(argv, "--reactor", "-r")
+    return [] if name is None else ["--reactor", name]
 
 
 class _MasterSocket(protocol.Factory):
@@ -556,11 +576,13 @@ class MergedMetricsResource(Resource):
 def worker_command(options, index: int, argv: Optional[list[str]] = None) -> list[str]:
     """
     The argv (after the Python executable) of worker C{index}: the
-    gateway under C{twist}, with the master's log format.
+    gateway under C{twist}, with the master's log format and reactor.
     """
+    argv = sys.argv if argv is None else argv
     args = [
         "-m", "twisted",
-        "--log-format", log_format_argument(sys.argv if argv is None else argv),
+        "--log-format", log_format_argument(argv),
+        *reactor_arguments(argv),
         "gateway",
         "--config", os.path.abspath(options["config"]),
         "--worker-fd", "3",

@@ -72,6 +72,11 @@ def gateway(backends):
     assert "Traceback" not in gw.log(), gw.log()
 
 
+def test_runs_on_the_gateway_reactor_by_default(gateway):
+    """twistd with no --reactor: the gateway installs its own (gateway.reactor)."""
+    assert "reactor class: gateway.reactor.GatewayEPollReactor." in gateway.log()
+
+
 def test_routes_by_prefix_and_strips_it(gateway):
     r = get(gateway.port, "/one/users/7?x=1")
     assert r.status == 200

@@ -397,6 +397,8 @@ from gateway.workers import (
     adopted_endpoint,
     log_format_argument,
     parse_workers,
+    reactor_arguments,
+    worker_command,
 )
 
 
@@ -590,6 +592,26 @@ def test_workers_log_like_the_master():
     assert log_format_argument(["twist", "--log-format=json", "gateway"]) == "json"
     assert log_format_argument(["twist", "--log-format", "json", "gateway"]) == "json"
     assert log_format_argument(["twistd", "-n", "gateway"]) == "text"
+
+
+def test_workers_run_on_the_masters_reactor():
+    """
+    A worker gets the master's C{--reactor}, in any of its spellings; with
+    none, it passes none either and both install the gateway's own.
+    """
+    for argv in (
+        ["twistd", "--reactor=epoll", "-n", "gateway"],
+        ["twistd", "--reactor", "epoll", "-n", "gateway"],
+        ["twistd", "-r", "epoll", "-n", "gateway"],
+        ["twistd", "-repoll", "-n", "gateway"],
+    ):
+        assert reactor_arguments(argv) == ["--reactor", "epoll"], argv
+    assert reactor_arguments(["twist", "--log-format=json", "gateway"]) == []
+    options = {"config": "gateway.yaml"}
+    command = worker_command(options, 1, ["twist", "--reactor=poll", "gateway"])
+    assert command[command.index("--reactor") + 1] == "poll"
+    assert command.index("--reactor") < command.index("gateway")
+    assert "--reactor" not in worker_command(options, 1, ["twistd", "-n", "gateway"])
 
 
 def test_check_summary_shows_workers_and_tls(tmp_path):

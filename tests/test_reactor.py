@@ -1,0 +1,336 @@
+"""
+Tests for L{gateway.reactor}: the epoll reactor that tries each write
+before it polls for writability.
+
+Each test runs its own L{GatewayEPollReactor} (not installed as the global
+one) over real sockets on 127.0.0.1, until the test stops it; a watchdog
+call stops it after a few seconds if something hangs.
+"""
+
+import hashlib
+import select
+
+import pytest
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
+
+if not hasattr(select, "epoll"):  # pragma: no cover - not Linux
+    pytest.skip("no epoll on this platform", allow_module_level=True)
+
+from gateway.reactor import EAGER_LIMIT, GatewayEPollReactor  # noqa: E402
+
+WATCHDOG = 10.0  # seconds
+
+
+class _CountingPoller:
+    """The reactor's epoll object, counting registrations for writability."""
+
+    def __init__(self, poller):
+        self._poller = poller
+        self.write_registrations = 0
+
+    def _count(self, flags):
+        if flags & select.EPOLLOUT:
+            self.write_registrations += 1
+
+    def register(self, fd, flags):
+        self._count(flags)
+        return self._poller.register(fd, flags)
+
+    def modify(self, fd, flags):
+        self._count(flags)
+        return self._poller.modify(fd, flags)
+
+    def __getattr__(self, name):
+        return getattr(self._poller, name)
+
+
+def _reactor():
+    reactor = GatewayEPollReactor()
+    reactor._poller = poller = _CountingPoller(reactor._poller)
+    return reactor, poller
+
+
+def _run(reactor, start):
+    """
+    Run C{reactor} with C{start(reactor)} called once it runs, until
+    something stops it; fail if the watchdog had to.
+    """
+    fired = []
+
+    def watchdog():
+        fired.append(True)
+        reactor.stop()
+
+    call = reactor.callLater(WATCHDOG, watchdog)
+    reactor.callWhenRunning(start, reactor)
+    reactor.run(installSignalHandlers=False)
+    assert not fired, "the reactor was stopped by the watchdog"
+    if call.active():
+        call.cancel()
+
+
+class _Echo(Protocol):
+    def dataReceived(self, data):
+        self.transport.write(data.upper())
+
+
+def test_small_writes_are_sent_without_polling_for_writability():
+    """
+    Request/response exchanges of small messages go through with no
+    C{EPOLLOUT} registration at all: each write is sent at the start of
+    the next poll (Twisted's own epoll reactor registers twice per
+    exchange, once for each side's write).
+    """
+    reactor, poller = _reactor()
+    received = []
+    rounds = 50
+
+    class Client(Protocol):
+        def connectionMade(self):
+            self.transport.write(b"ping 0")
+
+        def dataReceived(self, data):
+            received.append(data)
+            if len(received) == rounds:
+                self.transport.loseConnection()
+                reactor.stop()
+            else:
+                self.transport.write(b"ping %d" % len(received))
+
+    def start(reactor):
+        d = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory.forProtocol(_Echo))
+        d.addCallback(
+            lambda port: TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
+                Factory.forProtocol(Client)
+            )
+        )
+
+    _run(reactor, start)
+    assert received == [b"PING %d" % i for i in range(rounds)]
+    # The client's connect registers for writability once (a connect in
+    # progress is not finished by the first try); the writes never do.
+    assert poller.write_registrations <= 1
+
+
+def test_stream_to_slow_reader_waits_for_writability():
+    """
+    A write the socket cannot take at once (a peer that does not read yet)
+    is registered with epoll and finished when the peer reads: every byte
+    arrives, in order.
+    """
+    reactor, poller = _reactor()
+    payload = hashlib.sha256(b"seed").digest() * (8 * 1024 * 1024 // 32)  # 8 MiB
+    got = []
+
+    class Sender(Protocol):
+        def connectionMade(self):
+            self.transport.write(payload)
+            self.transport.loseConnection()
+
+    class Receiver(Protocol):
+        def connectionMade(self):
+            # Read nothing for a while: the sender's socket fills up.
+            self.transport.pauseProducing()
+            reactor.callLater(0.2, self.transport.resumeProducing)
+
+        def dataReceived(self, data):
+            got.append(data)
+
+        def connectionLost(self, reason):
+            reactor.stop()
+
+    def start(reactor):
+        d = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory.forProtocol(Sender))
+        d.addCallback(
+            lambda port: TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
+                Factory.forProtocol(Receiver)
+            )
+        )
+
+    _run(reactor, start)
+    assert hashlib.sha256(b"".join(got)).digest() == hashlib.sha256(payload).digest()
+    assert poller.write_registrations >= 1
+    assert len(payload) >= EAGER_LIMIT
+
+
+class _Silent(Protocol):
+    """A peer that reads nothing: its socket never wakes the reactor."""
+
+    def connectionMade(self):
+        self.transport.pauseProducing()
+
+
+def _flush_sets_off(on_more):
+    """
+    Run a reactor where a server connection's pull producer writes one
+    small chunk and, when the flush has sent it and asks for more, calls
+    C{on_more(reactor, order, other)}, which must lead to C{reactor.stop()}.
+    C{other} is the server side of a second connection, whose client
+    appends what it reads to C{order} and stops the reactor.
+
+    The first client reads nothing and a call 5 s away gives the poll a
+    timeout: nothing but the reactor's own bookkeeping can end the wait
+    after the flush at once.
+
+    @return: C{order}: it holds C{"later call"} if the poll waited.
+    """
+    reactor, _ = _reactor()
+    order = []
+    other = {}
+
+    class Producer:
+        calls = 0
+
+        def __init__(self, transport):
+            self.transport = transport
+
+        def resumeProducing(self):
+            self.calls += 1
+            if self.calls == 1:
+                self.transport.write(b"one small chunk")
+            else:
+                self.transport.unregisterProducer()
+                on_more(reactor, order, other["transport"])
+
+        def stopProducing(self):
+            pass
+
+    class Writer(Protocol):
+        def connectionMade(self):
+            self.transport.registerProducer(Producer(self.transport), False)
+
+    class Receiver(Protocol):
+        def dataReceived(self, data):
+            order.append(data)
+            reactor.stop()
+
+    ports = {}
+
+    class Holder(Protocol):
+        def connectionMade(self):
+            # The second connection is up: now the first one.
+            other["transport"] = self.transport
+            TCP4ClientEndpoint(reactor, "127.0.0.1", ports["writer"]).connect(
+                Factory.forProtocol(_Silent)
+            )
+
+    def start(reactor):
+        reactor.callLater(WATCHDOG / 2, order.append, "later call")
+        listen = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen
+        writer = listen(Factory.forProtocol(Writer))
+        writer.addCallback(lambda port: ports.setdefault("writer", port.getHost().port))
+        writer.addCallback(lambda _: listen(Factory.forProtocol(Holder)))
+        writer.addCallback(
+            lambda port: TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
+                Factory.forProtocol(Receiver)
+            )
+        )
+
+    _run(reactor, start)
+    return order
+
+
+def test_call_scheduled_by_a_flushed_write_runs_at_once():
+    """
+    A call scheduled with C{callLater(0)} by what a flushed write set off
+    (here a pull producer asked for more) runs on the next iteration: the
+    poll after the flush does not block for the timeout reckoned before it.
+    """
+
+    def on_more(reactor, order, other):
+        def scheduled():
+            order.append("scheduled call")
+            reactor.stop()
+
+        reactor.callLater(0, scheduled)
+
+    assert _flush_sets_off(on_more) == ["scheduled call"]
+
+
+def test_write_noted_during_a_flush_is_sent_at_once():
+    """
+    A write to another connection made by what a flushed write set off is
+    sent on the next iteration, not after the poll's timeout.
+    """
+
+    def on_more(reactor, order, other):
+        other.write(b"relayed")
+
+    assert _flush_sets_off(on_more) == [b"relayed"]
+
+
+def test_stop_set_off_by_a_flush_is_not_delayed():
+    """
+    A reactor stopped by what a flushed write set off (here directly; in a
+    gateway, the last drained connection closing) stops at once: the poll
+    after the flush does not wait for the next timed call first.
+    """
+
+    def on_more(reactor, order, other):
+        reactor.stop()
+
+    assert _flush_sets_off(on_more) == []
+
+
+def test_write_then_close_delivers_everything():
+    """
+    A connection written to and closed in the same iteration sends its data
+    before it closes.
+    """
+    reactor, _ = _reactor()
+    got = []
+
+    class Sender(Protocol):
+        def connectionMade(self):
+            self.transport.write(b"last words")
+            self.transport.loseConnection()
+
+    class Receiver(Protocol):
+        def dataReceived(self, data):
+            got.append(data)
+
+        def connectionLost(self, reason):
+            reactor.stop()
+
+    def start(reactor):
+        d = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory.forProtocol(Sender))
+        d.addCallback(
+            lambda port: TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
+                Factory.forProtocol(Receiver)
+            )
+        )
+
+    _run(reactor, start)
+    assert b"".join(got) == b"last words"
+
+
+def test_noted_writers_are_listed_and_removed_once():
+    """
+    A writer noted but not yet flushed is among C{getWriters()}, and
+    C{removeAll()} (the reactor's shutdown) returns it exactly once.
+    """
+    reactor, _ = _reactor()
+    found = {}
+
+    class Sender(Protocol):
+        def connectionMade(self):
+            self.transport.write(b"pending")
+            found["writers"] = reactor.getWriters()
+            found["removed"] = reactor.removeAll()
+            found["transport"] = self.transport
+            reactor.stop()
+
+    def start(reactor):
+        d = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory.forProtocol(Sender))
+        d.addCallback(
+            lambda port: TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
+                Factory.forProtocol(Protocol)
+            )
+        )
+
+    _run(reactor, start)
+    transport = found["transport"]
+    assert transport in found["writers"]
+    assert found["removed"].count(transport) == 1
+    assert reactor.getWriters() == []
