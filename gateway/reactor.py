@@ -83,7 +83,10 @@ class GatewayEPollReactor(epollreactor.EPollReactor):
             # the flush sees that it still has data and registers it.
             self._flushed = False
         elif writer.fileno() not in self._writes:
-            self._noted.add(writer)
+            if _buffered(writer) >= EAGER_LIMIT:
+                super().addWriter(writer)  # a stream: as Twisted does
+            else:
+                self._noted.add(writer)
 
     def removeWriter(self, writer) -> None:
         if writer is self._flushing:
