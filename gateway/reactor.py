@@ -84,17 +84,20 @@ class GatewayEPollReactor(epollreactor.EPollReactor):
             self._flushed = False
         elif writer.fileno() not in self._writes:
             if _buffered(writer) >= EAGER_LIMIT:
-                super().addWriter(writer)  # a stream: as Twisted does
+                # A stream: registered at once, as Twisted does (and no
+                # longer noted, if an earlier small write noted it).
+                self._noted.discard(writer)
+                super().addWriter(writer)
             else:
                 self._noted.add(writer)
 
     def removeWriter(self, writer) -> None:
         if writer is self._flushing:
             self._flushed = True
-        if writer in self._noted:
-            self._noted.discard(writer)
-        else:
-            super().removeWriter(writer)
+        self._noted.discard(writer)
+        # Always: a registration left behind outlives the socket, and epoll
+        # refuses the next socket given the same descriptor number.
+        super().removeWriter(writer)
 
     def getWriters(self) -> list:
         return super().getWriters() + list(self._noted)

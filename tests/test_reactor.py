@@ -273,6 +273,39 @@ def test_stop_set_off_by_a_flush_is_not_delayed():
     assert _flush_sets_off(on_more) == []
 
 
+def test_a_writer_that_stops_is_no_longer_watched():
+    """
+    A small write (noted) and then a large one (registered with epoll at
+    once) in the same iteration, then C{stopWriting}: the reactor neither
+    notes nor watches the writer any more.  (A registration left behind
+    outlived the socket, and the next socket accepted with the same
+    descriptor number failed in C{epoll_ctl} with ENOENT.)
+    """
+    reactor, _ = _reactor()
+    found = {}
+
+    class Sender(Protocol):
+        def connectionMade(self):
+            self.transport.write(b"small")
+            self.transport.write(b"x" * (2 * EAGER_LIMIT))
+            found["registered"] = self.transport.fileno() in reactor._writes
+            self.transport.stopWriting()
+            found["watched"] = self.transport.fileno() in reactor._writes
+            found["listed"] = self.transport in reactor.getWriters()
+            reactor.stop()
+
+    def start(reactor):
+        d = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory.forProtocol(Sender))
+        d.addCallback(
+            lambda port: TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
+                Factory.forProtocol(Protocol)
+            )
+        )
+
+    _run(reactor, start)
+    assert found == {"registered": True, "watched": False, "listed": False}
+
+
 def test_write_then_close_delivers_everything():
     """
     A connection written to and closed in the same iteration sends its data
