@@ -549,7 +549,10 @@ class BodyRelay(Protocol):
         self.request.write(data)
 
     def connectionLost(self, reason: Failure) -> None:
-        self.request.unregisterProducer()
+        if self.request.channel is not None:
+            self.request.unregisterProducer()
+        # else the client went away mid-body (its channel is gone, and with
+        # it the producer registration): nothing to unregister.
         self.reason = reason
         self.done.callback(None)
 

@@ -1,6 +1,8 @@
 """Header rules (RFC 9110 §7.6) and the per-backend connection limit."""
 
+from twisted.internet.error import ConnectionDone
 from twisted.internet.defer import CancelledError
+from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from gateway.config import Backend
@@ -62,3 +64,36 @@ def test_connection_limit_queues_in_order_and_hands_over_slots():
     limit.release(BACKEND)
     limit.release(BACKEND)
     assert limit.active(BACKEND) == 0
+
+
+def test_body_relay_ends_quietly_when_the_client_has_gone():
+    """
+    A client that goes away mid-body takes its channel with it; the relay's
+    end (the backend connection aborted in turn) must still fire C{done}
+    rather than raise from C{unregisterProducer} on the missing channel.
+    """
+    from twisted.web.test.requesthelper import DummyChannel, DummyRequest
+
+    from gateway.forwarding import BodyRelay
+
+    import types
+
+    from twisted.web.http import Request
+
+    request = DummyRequest([b""])
+    # twisted.web's own: it unregisters from the channel
+    request.unregisterProducer = types.MethodType(Request.unregisterProducer, request)
+    request.channel = None  # what Request.connectionLost leaves behind
+    relay = BodyRelay(request)
+    ended = []
+    relay.done.addCallback(ended.append)
+    relay.connectionLost(Failure(ConnectionDone()))
+    assert ended == [None] and relay.reason.check(ConnectionDone)
+
+    request = DummyRequest([b""])
+    request.channel = DummyChannel()
+    unregistered = []
+    request.unregisterProducer = lambda: unregistered.append(True)
+    relay = BodyRelay(request)
+    relay.connectionLost(Failure(ConnectionDone()))
+    assert unregistered == [True]
