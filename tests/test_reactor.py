@@ -70,6 +70,25 @@ def _run(reactor, start):
         call.cancel()
 
 
+def _listen(reactor, protocol):
+    """Listen on an ephemeral port of 127.0.0.1; fires with the port number."""
+    d = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory.forProtocol(protocol))
+    return d.addCallback(lambda port: port.getHost().port)
+
+
+def _connect(reactor, port, protocol):
+    return TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(Factory.forProtocol(protocol))
+
+
+def _pair(server, client):
+    """For L{_run}: a listener of C{server}s and one C{client} connected to it."""
+
+    def start(reactor):
+        return _listen(reactor, server).addCallback(lambda port: _connect(reactor, port, client))
+
+    return start
+
+
 class _Echo(Protocol):
     def dataReceived(self, data):
         self.transport.write(data.upper())
@@ -98,15 +117,7 @@ def test_small_writes_are_sent_without_polling_for_writability():
             else:
                 self.transport.write(b"ping %d" % len(received))
 
-    def start(reactor):
-        d = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory.forProtocol(_Echo))
-        d.addCallback(
-            lambda port: TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
-                Factory.forProtocol(Client)
-            )
-        )
-
-    _run(reactor, start)
+    _run(reactor, _pair(_Echo, Client))
     assert received == [b"PING %d" % i for i in range(rounds)]
     # The client's connect registers for writability once (a connect in
     # progress is not finished by the first try); the writes never do.
@@ -140,15 +151,7 @@ def test_stream_to_slow_reader_waits_for_writability():
         def connectionLost(self, reason):
             reactor.stop()
 
-    def start(reactor):
-        d = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory.forProtocol(Sender))
-        d.addCallback(
-            lambda port: TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
-                Factory.forProtocol(Receiver)
-            )
-        )
-
-    _run(reactor, start)
+    _run(reactor, _pair(Sender, Receiver))
     assert hashlib.sha256(b"".join(got)).digest() == hashlib.sha256(payload).digest()
     assert poller.write_registrations >= 1
     assert len(payload) >= EAGER_LIMIT
@@ -211,21 +214,14 @@ def _flush_sets_off(on_more):
         def connectionMade(self):
             # The second connection is up: now the first one.
             other["transport"] = self.transport
-            TCP4ClientEndpoint(reactor, "127.0.0.1", ports["writer"]).connect(
-                Factory.forProtocol(_Silent)
-            )
+            _connect(reactor, ports["writer"], _Silent)
 
     def start(reactor):
         reactor.callLater(WATCHDOG / 2, order.append, "later call")
-        listen = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen
-        writer = listen(Factory.forProtocol(Writer))
-        writer.addCallback(lambda port: ports.setdefault("writer", port.getHost().port))
-        writer.addCallback(lambda _: listen(Factory.forProtocol(Holder)))
-        writer.addCallback(
-            lambda port: TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
-                Factory.forProtocol(Receiver)
-            )
-        )
+        d = _listen(reactor, Writer)
+        d.addCallback(lambda port: ports.setdefault("writer", port))
+        d.addCallback(lambda _: _listen(reactor, Holder))
+        d.addCallback(lambda port: _connect(reactor, port, Receiver))
 
     _run(reactor, start)
     return order
@@ -294,15 +290,7 @@ def test_a_writer_that_stops_is_no_longer_watched():
             found["listed"] = self.transport in reactor.getWriters()
             reactor.stop()
 
-    def start(reactor):
-        d = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory.forProtocol(Sender))
-        d.addCallback(
-            lambda port: TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
-                Factory.forProtocol(Protocol)
-            )
-        )
-
-    _run(reactor, start)
+    _run(reactor, _pair(Sender, Protocol))
     assert found == {"registered": True, "watched": False, "listed": False}
 
 
@@ -326,15 +314,7 @@ def test_write_then_close_delivers_everything():
         def connectionLost(self, reason):
             reactor.stop()
 
-    def start(reactor):
-        d = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory.forProtocol(Sender))
-        d.addCallback(
-            lambda port: TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
-                Factory.forProtocol(Receiver)
-            )
-        )
-
-    _run(reactor, start)
+    _run(reactor, _pair(Sender, Receiver))
     assert b"".join(got) == b"last words"
 
 
@@ -354,15 +334,7 @@ def test_noted_writers_are_listed_and_removed_once():
             found["transport"] = self.transport
             reactor.stop()
 
-    def start(reactor):
-        d = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory.forProtocol(Sender))
-        d.addCallback(
-            lambda port: TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
-                Factory.forProtocol(Protocol)
-            )
-        )
-
-    _run(reactor, start)
+    _run(reactor, _pair(Sender, Protocol))
     transport = found["transport"]
     assert transport in found["writers"]
     assert found["removed"].count(transport) == 1
