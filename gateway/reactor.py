@@ -83,6 +83,8 @@ class GatewayEPollReactor(epollreactor.EPollReactor):
             # the flush sees that it still has data and registers it.
             self._flushed = False
         elif writer.fileno() not in self._writes:
+            # Every write calls startWriting, so a noted writer whose buffer
+            # grows past the limit comes back here before any flush.
             if _buffered(writer) >= EAGER_LIMIT:
                 # A stream: registered at once, as Twisted does (and no
                 # longer noted, if an earlier small write noted it).
@@ -117,11 +119,6 @@ class GatewayEPollReactor(epollreactor.EPollReactor):
             fd = writer.fileno()
             if fd == -1:
                 continue  # closed since it was noted
-            if _buffered(writer) >= EAGER_LIMIT:
-                # A stream: wait for epoll's writable event as before, which
-                # comes once the socket has room for a large send.
-                super().addWriter(writer)
-                continue
             self._flushing, self._flushed = writer, False
             try:
                 log.callWithLogger(writer, self._doReadOrWrite, writer, fd, self._POLL_OUT)
