@@ -208,6 +208,11 @@ class GatewayService(MultiService):
     def startService(self) -> None:
         super().startService()
         ready = gatherResults([when() for when in self.readiness], consumeErrors=True)
+        # Not before the reactor runs: twistd starts services before it
+        # installs its SIGTERM handler, and a listener listens at once, so a
+        # manager that stopped the gateway as soon as it read READY=1 could
+        # kill it with the default handler (no drain, exit -15).
+        ready.addCallback(lambda _: _when_running(self.gateway.reactor))
         ready.addCallback(lambda _: self._notify("READY=1"))
         ready.addErrback(lambda f: _log.failure("a listener failed to start", f))
 
@@ -219,6 +224,16 @@ class GatewayService(MultiService):
         d.addCallback(lambda _: self.gateway.close())
         d.addErrback(lambda f: _log.failure("stopping the gateway failed", f))
         return d
+
+
+def _when_running(reactor) -> Deferred:
+    """
+    A Deferred firing once C{reactor} runs (at once if it does): after
+    its C{"startup"} event, when twistd's signal handlers are installed.
+    """
+    running: Deferred = Deferred()
+    reactor.callWhenRunning(running.callback, None)
+    return running
 
 
 class HealthChecks(Service):

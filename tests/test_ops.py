@@ -323,6 +323,30 @@ def test_notify_without_systemd_does_nothing(tmp_path):
     assert not notify("READY=1", {"NOTIFY_SOCKET": str(tmp_path / "absent")})
 
 
+def test_ready_waits_for_the_listeners_and_the_running_reactor():
+    """
+    twistd starts services before it installs its SIGTERM handler: READY=1
+    only once the reactor runs, or a manager stopping the gateway on READY
+    would kill it with the default handler.
+    """
+    from types import SimpleNamespace
+
+    from twisted.internet.testing import MemoryReactorClock
+
+    from gateway.tap import GatewayService
+
+    reactor = MemoryReactorClock()
+    sent = []
+    service = GatewayService(SimpleNamespace(reactor=reactor), notify=sent.append)
+    listening = defer.Deferred()
+    service.readiness.append(lambda: listening)
+    service.startService()
+    listening.callback(None)
+    assert sent == []
+    reactor.run()  # runs the when-running hooks
+    assert sent == ["READY=1"]
+
+
 # --- TLS config -------------------------------------------------------------------
 
 from gateway.config import ConfigError
