@@ -135,6 +135,9 @@ class ConfigWatcher(Service):
     @param run: C{run(f, *args)} -> Deferred; runs blocking file I/O (by
         default in the reactor's thread pool).
     @param install_signal: handle C{SIGHUP} while running.
+    @param collector: a L{gateway.heap.CollectorTuning}, or None: a reload
+        thaws what it froze at start-up (the replaced config is among it),
+        and settles it again once the replaced pools have closed.
     """
 
     name = "config-watcher"
@@ -147,6 +150,7 @@ class ConfigWatcher(Service):
         clock,
         run: Optional[Callable[..., Deferred]] = None,
         install_signal: bool = True,
+        collector=None,
     ) -> None:
         self.gateway = gateway
         self.path = path
@@ -154,6 +158,7 @@ class ConfigWatcher(Service):
         self._clock = clock
         self._run = run or _in_thread(gateway.reactor)
         self._install_signal = install_signal
+        self._collector = collector
         self._loop: Optional[LoopingCall] = None
         self._known: Optional[FileState] = None
         self._busy: Optional[Deferred] = None
@@ -279,6 +284,9 @@ class ConfigWatcher(Service):
         pending = restart_only_changes(old, config)
         closing = self.gateway.apply(config)
         closing.addErrback(lambda f: _log.failure("closing replaced backend pools failed", f))
+        if self._collector is not None:
+            self._collector.thaw()
+            closing.addCallback(lambda _: self._collector.settle())
         self.last_error = None
         self._count("ok")
         _log.info(

@@ -193,19 +193,27 @@ class GatewayService(MultiService):
     @ivar drainer: the L{gateway.drain.Drainer} of the main listener, or
         None (the master of workers has no client connections).
     @ivar drain_timeout: seconds given to in-flight requests on stop.
+    @ivar collector: a L{gateway.heap.CollectorTuning} started with the
+        service and settled once the listeners listen, or None (tests, which
+        share one process).
     """
 
-    def __init__(self, gateway, drainer=None, drain_timeout: float = 0.0, notify=None) -> None:
+    def __init__(
+        self, gateway, drainer=None, drain_timeout: float = 0.0, notify=None, collector=None
+    ) -> None:
         super().__init__()
         self.gateway = gateway
         self.drainer = drainer
         self.drain_timeout = drain_timeout
         self._notify = notify or (lambda state: None)
+        self.collector = collector
         #: Callables returning a Deferred that fires when a listener
         #: listens, called once the children started (for READY=1).
         self.readiness: list = []
 
     def startService(self) -> None:
+        if self.collector is not None:
+            self.collector.start()
         super().startService()
         ready = gatherResults([when() for when in self.readiness], consumeErrors=True)
         # Not before the reactor runs: twistd starts services before it
@@ -213,6 +221,8 @@ class GatewayService(MultiService):
         # manager that stopped the gateway as soon as it read READY=1 could
         # kill it with the default handler (no drain, exit -15).
         ready.addCallback(lambda _: _when_running(self.gateway.reactor))
+        if self.collector is not None:
+            ready.addCallback(lambda _: self.collector.settle())
         ready.addCallback(lambda _: self._notify("READY=1"))
         ready.addErrback(lambda f: _log.failure("a listener failed to start", f))
 
@@ -297,13 +307,17 @@ def _check_worker_endpoint(endpoint, listen: str) -> None:
         )
 
 
-def makeService(options: Options, reactor=None) -> GatewayService:
+def makeService(options: Options, reactor=None, collector=None) -> GatewayService:
     """
     Build the service tree from parsed options.
 
     @param reactor: the reactor to run on; the global one if None.
+    @param collector: a L{gateway.heap.CollectorTuning} for this process's
+        garbage collector; if None, one when C{reactor} is None too (twistd's
+        call), else none (a test's call, in a process it shares).
     @raise ValueError: an endpoint string cannot be parsed.
     """
+    from gateway.heap import CollectorTuning
     from gateway.admin import admin_site
     from gateway.drain import Drainer
     from gateway.proxy import GatewaySite
@@ -313,6 +327,8 @@ def makeService(options: Options, reactor=None) -> GatewayService:
 
     if reactor is None:
         reactor = _reactor()
+        if collector is None:
+            collector = CollectorTuning()
     config: Config = getattr(options, "config", None) or load_config(options["config"])
     gateway = Gateway(reactor, config)
     worker_fd = options.get("worker-fd")
@@ -325,6 +341,7 @@ def makeService(options: Options, reactor=None) -> GatewayService:
         drainer,
         drain_timeout,
         notify=notify if worker_fd is None else None,
+        collector=collector,
     )
 
     if not is_master:
@@ -343,6 +360,7 @@ def makeService(options: Options, reactor=None) -> GatewayService:
         options["config"],
         config.options.get("config_poll_interval", 5.0),
         reactor,
+        collector=collector,
     )
     watcher.setServiceParent(root)
     #: (for the admin resources) the watcher's last refused file.

@@ -4,8 +4,10 @@ End to end: a real twistd gateway in front of real backend processes.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
+import re
 import socket
 import time
 from collections import Counter
@@ -75,6 +77,15 @@ def gateway(backends):
 def test_runs_on_the_gateway_reactor_by_default(gateway):
     """twistd with no --reactor: the gateway installs its own (gateway.reactor)."""
     assert "reactor class: gateway.reactor.GatewayEPollReactor." in gateway.log()
+
+
+@pytest.mark.skipif(not hasattr(gc, "freeze"), reason="gc.freeze is CPython's")
+def test_freezes_start_up_objects_once_listening(gateway):
+    """gateway.heap: start-up's objects frozen, the gen0 threshold raised."""
+    pattern = re.compile(r"garbage collector: (\d+) objects frozen, thresholds \((\d+),")
+    wait_for(lambda: pattern.search(gateway.log()), timeout=5, what="the collector to settle")
+    frozen = pattern.search(gateway.log())
+    assert int(frozen.group(1)) > 10_000 and int(frozen.group(2)) == 10_000
 
 
 def test_routes_by_prefix_and_strips_it(gateway):

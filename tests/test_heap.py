@@ -1,0 +1,152 @@
+"""
+gateway.heap: the garbage collector's threshold and freeze, with the real
+C{gc} module of this process (thawed and restored after each test), and how
+the service tree and the config watcher use it.
+"""
+
+import gc
+import os
+import platform
+import weakref
+from types import SimpleNamespace
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.testing import MemoryReactorClock
+
+from gateway.config import parse_config
+from gateway.heap import GEN0_THRESHOLD, CollectorTuning
+from gateway.reload import ConfigWatcher
+from gateway.state import Gateway
+from gateway.tap import GatewayService
+
+cpython = pytest.mark.skipif(
+    platform.python_implementation() != "CPython", reason="gc.freeze is CPython's"
+)
+
+
+@pytest.fixture
+def real_gc():
+    thresholds = gc.get_threshold() if hasattr(gc, "get_threshold") else None
+    yield gc
+    if hasattr(gc, "freeze"):
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
+
+
+class _Cycle:
+    def __init__(self):
+        self.me = self
+
+
+@cpython
+def test_start_raises_gen0_threshold_and_keeps_the_others(real_gc):
+    gc.set_threshold(700, 11, 12)
+    CollectorTuning().start()
+    assert gc.get_threshold() == (GEN0_THRESHOLD, 11, 12)
+
+
+@cpython
+def test_start_never_lowers_a_higher_threshold(real_gc):
+    gc.set_threshold(GEN0_THRESHOLD * 2, 10, 10)
+    CollectorTuning().start()
+    assert gc.get_threshold() == (GEN0_THRESHOLD * 2, 10, 10)
+
+
+@cpython
+def test_settle_freezes_what_exists_and_thaw_gives_it_back(real_gc):
+    """
+    A cycle alive when settle() runs is in the permanent generation: once
+    dropped, a full collection leaves it; after thaw() one collects it.
+    """
+    cycle = _Cycle()
+    gone = []
+    ref = weakref.ref(cycle, lambda _: gone.append(True))
+    frozen = CollectorTuning().settle()
+    assert frozen > 0 and gc.get_freeze_count() > 0
+    del cycle
+    gc.collect()
+    assert ref() is not None and gone == []
+    CollectorTuning().thaw()
+    assert gc.get_freeze_count() == 0
+    gc.collect()
+    assert gone == [True]
+
+
+@cpython
+def test_settle_collects_garbage_before_freezing(real_gc):
+    """Cycles already unreachable are collected, not frozen for good."""
+    cycle = _Cycle()
+    ref = weakref.ref(cycle)
+    del cycle
+    CollectorTuning().settle()
+    assert ref() is None
+
+
+@pytest.mark.skipif(hasattr(gc, "freeze"), reason="an interpreter without gc.freeze (PyPy)")
+def test_without_freeze_nothing_is_done():
+    tuning = CollectorTuning()
+    assert not tuning.supported
+    tuning.start()
+    assert tuning.settle() == 0
+    tuning.thaw()
+
+
+class _Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def start(self):
+        self.calls.append("start")
+
+    def settle(self):
+        self.calls.append("settle")
+        return 1
+
+    def thaw(self):
+        self.calls.append("thaw")
+
+
+def test_service_settles_once_the_listeners_listen_and_the_reactor_runs():
+    collector = _Recorder()
+    reactor = MemoryReactorClock()
+    service = GatewayService(SimpleNamespace(reactor=reactor), collector=collector)
+    listening = defer.Deferred()
+    service.readiness.append(lambda: listening)
+    service.startService()
+    assert collector.calls == ["start"]
+    listening.callback(None)
+    assert collector.calls == ["start"]
+    reactor.run()
+    assert collector.calls == ["start", "settle"]
+
+
+_CONFIG = """
+routes:
+  - {{name: r, match: {{path_prefix: /r}}, service: {service}}}
+services:
+  a: {{backends: [{{url: "http://127.0.0.1:9001"}}]}}
+  b: {{backends: [{{url: "http://127.0.0.1:9002"}}]}}
+"""
+
+
+def test_reload_thaws_then_settles_once_replaced_pools_closed(tmp_path, monkeypatch):
+    from twisted.internet.task import Clock
+
+    path = tmp_path / "gateway.yaml"
+    path.write_text(_CONFIG.format(service="a"))
+    gateway = Gateway(Clock(), parse_config(path.read_text(), str(path)))
+    closing = defer.Deferred()
+    monkeypatch.setattr(gateway, "apply", lambda config: closing)
+    collector = _Recorder()
+    watcher = ConfigWatcher(
+        gateway, str(path), 0, gateway.reactor, run=lambda f, *a: defer.maybeDeferred(f, *a),
+        install_signal=False, collector=collector,
+    )
+    path.write_text(_CONFIG.format(service="b"))
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    watcher.reload()
+    assert collector.calls == ["thaw"]
+    closing.callback(None)
+    assert collector.calls == ["thaw", "settle"]
