@@ -32,18 +32,31 @@ collection when the reload is applied, and L{CollectorTuning.settle}
 freezes again once the replaced pools have closed, so the old
 configuration's cycles are collected rather than kept for good.
 
-PyPy has a different collector and none of these functions: there every
-method does nothing.
+PyPy has a different, generational collector and none of these functions.
+What sets its speed is the size of its nursery, where new objects are
+allocated: PyPy sizes it from the CPU's cache (1 MiB on the benchmark's
+machine), and every request's objects that live across a reactor turn are
+copied out of it when it fills.  It is read once, when PyPy starts, from
+the environment variable C{PYPY_GC_NURSERY}; with
+C{PYPY_GC_NURSERY=}L{PYPY_NURSERY} the typical chain served far more
+requests/s than with the default, for more memory (docs/performance.rst,
+"Garbage collection").  The systemd unit sets
+it; on PyPy, L{CollectorTuning.settle} logs the nursery size in use, and
+how to set it when it was not.
 """
 
 from __future__ import annotations
 
 import gc as _gc
+import os
 from typing import Any
 
 from twisted.logger import Logger
 
 _log = Logger()
+
+#: The nursery size recommended for PyPy (C{PYPY_GC_NURSERY}).
+PYPY_NURSERY = "32MB"
 
 #: Container allocations (net of deallocations) between two generation 0
 #: collections; CPython's default is 700. The objects of 64 requests in
@@ -65,11 +78,15 @@ class CollectorTuning:
         is never lowered.
     """
 
-    def __init__(self, gc: Any = _gc, gen0_threshold: int = GEN0_THRESHOLD) -> None:
+    def __init__(
+        self, gc: Any = _gc, gen0_threshold: int = GEN0_THRESHOLD, environ: Any = None
+    ) -> None:
         self._gc = gc
         self.gen0_threshold = gen0_threshold
+        self._environ = os.environ if environ is None else environ
         #: Whether this interpreter's collector has a permanent generation.
         self.supported = hasattr(gc, "freeze") and hasattr(gc, "set_threshold")
+        self._reported = False
 
     def start(self) -> None:
         """
@@ -93,6 +110,7 @@ class CollectorTuning:
             where unsupported).
         """
         if not self.supported:
+            self._report_nursery()
             return 0
         self._gc.collect()
         self._gc.freeze()
@@ -112,3 +130,24 @@ class CollectorTuning:
         """
         if self.supported:
             self._gc.unfreeze()
+
+    def _report_nursery(self) -> None:
+        # PyPy's gc.get_stats() describes its nursery; CPython has none.
+        stats = getattr(self._gc, "get_stats", None)
+        if self._reported or stats is None:
+            return
+        try:
+            nursery = stats().nursery_size
+        except (AttributeError, TypeError):
+            return
+        self._reported = True
+        if self._environ.get("PYPY_GC_NURSERY"):
+            _log.info("garbage collector: PyPy, nursery {nursery}", nursery=nursery)
+        else:
+            _log.info(
+                "garbage collector: PyPy, nursery {nursery} (its default); "
+                "PYPY_GC_NURSERY={recommended} in the environment is faster "
+                "(docs/performance.rst)",
+                nursery=nursery,
+                recommended=PYPY_NURSERY,
+            )

@@ -150,3 +150,50 @@ def test_reload_thaws_then_settles_once_replaced_pools_closed(tmp_path, monkeypa
     assert collector.calls == ["thaw"]
     closing.callback(None)
     assert collector.calls == ["thaw", "settle"]
+
+
+def _pypy_gc(nursery="1.0MB"):
+    """What PyPy's gc module offers here: get_stats(), no freeze."""
+    return SimpleNamespace(get_stats=lambda: SimpleNamespace(nursery_size=nursery))
+
+
+def _logged(monkeypatch):
+    from twisted.logger import Logger, formatEvent
+
+    import gateway.heap
+
+    events = []
+    monkeypatch.setattr(gateway.heap, "_log", Logger(observer=events.append))
+    return lambda: [formatEvent(e) for e in events]
+
+
+def test_on_pypy_settle_reports_the_nursery_and_how_to_grow_it(monkeypatch):
+    messages = _logged(monkeypatch)
+    tuning = CollectorTuning(gc=_pypy_gc(), environ={})
+    assert not tuning.supported
+    assert tuning.settle() == 0
+    assert tuning.settle() == 0  # again after a reload: reported once
+    assert messages() == [
+        "garbage collector: PyPy, nursery 1.0MB (its default); PYPY_GC_NURSERY=32MB "
+        "in the environment is faster (docs/performance.rst)"
+    ]
+
+
+def test_on_pypy_a_chosen_nursery_is_reported_as_is(monkeypatch):
+    messages = _logged(monkeypatch)
+    CollectorTuning(gc=_pypy_gc("32.0MB"), environ={"PYPY_GC_NURSERY": "32MB"}).settle()
+    assert messages() == ["garbage collector: PyPy, nursery 32.0MB"]
+
+
+@pytest.mark.skipif(platform.python_implementation() != "PyPy", reason="PyPy's gc.get_stats")
+def test_real_pypy_nursery_is_read(monkeypatch):
+    messages = _logged(monkeypatch)
+    CollectorTuning(environ={}).settle()
+    assert messages()[0].startswith("garbage collector: PyPy, nursery ")
+
+
+@cpython
+def test_cpython_settle_does_not_report_a_nursery(real_gc, monkeypatch):
+    messages = _logged(monkeypatch)
+    CollectorTuning(environ={}).settle()
+    assert "nursery" not in " ".join(messages())
