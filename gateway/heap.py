@@ -1,85 +1,112 @@
 """
-CPython's cyclic garbage collector, set for a long-running gateway.
+The garbage collector, set for a long-running gateway.
 
-Measured under the benchmark's typical chain (4,500 requests/s, 64
-connections, one core), CPython's defaults cost the gateway about 6% of its
-CPU and most of its tail latency:
+B{CPython.}  Measured under the benchmark's typical chain (4,500
+requests/s, 64 connections, one core), CPython's defaults cost the gateway
+about 6% of its CPU and most of its tail latency:
 
   - every full (generation 2) collection traversed the ~65,000 container
     objects built at start-up (modules, config, routes, metrics
     registries), 25 to 30 ms during which no request moved, about once a
-    second: p99 was 31 to 44 ms against a median of 13 ms;
+    second;
   - the generation 0 threshold of 700 was crossed about 200 times a second
     by the objects of the requests in flight alone, which refcounting frees
     anyway (a request leaves no cycles behind).
 
-L{CollectorTuning} answers both, with the collector's own tools (the
-C{gc} module, Python 3.7+):
+L{CollectorTuning} answers both with the collector's own tools (the C{gc}
+module, Python 3.7+):
 
   - once the listeners listen, a full collection and then C{gc.freeze()}:
     what start-up built moves to the permanent generation, which
     collections never traverse (objects there are still freed by
-    refcounting; only a reference cycle among them is never collected);
+    refcounting; only a reference cycle among them waits for the next
+    L{CollectorTuning.settle}, which thaws before it collects);
   - a generation 0 threshold of L{GEN0_THRESHOLD} container allocations
     (net of deallocations).
 
-With both, the run above spent 0.4% of its CPU in the collector, and p99
-fell to 20 to 27 ms (docs/performance.rst has the paired runs).
+In paired runs p99 went from 36-47 to 21-26 ms with the typical chain and
+requests/s rose 6-7%; with a threshold of 5,000 the collector's share of
+the CPU fell from 6% to 0.5% (docs/performance.rst, "Garbage
+collection").
 
-A config reload replaces the routes, services and pools that were frozen at
-start-up: L{CollectorTuning.thaw} puts the frozen objects back under
-collection when the reload is applied, and L{CollectorTuning.settle}
-freezes again once the replaced pools have closed, so the old
-configuration's cycles are collected rather than kept for good.
+A config reload replaces routes, services and pools that were frozen:
+L{CollectorTuning.reloaded} thaws at once, so the old configuration's
+cycles are collected as usual, and settles again L{RESETTLE_DELAY} seconds
+after the last reload, when the requests that were in flight during it,
+and the replaced pools, are long gone.
 
-PyPy has a different, generational collector and none of these functions.
-What sets its speed is the size of its nursery, where new objects are
-allocated: PyPy sizes it from the CPU's cache (1 MiB on the benchmark's
-machine), and every request's objects that live across a reactor turn are
-copied out of it when it fills.  It is read once, when PyPy starts, from
-the environment variable C{PYPY_GC_NURSERY}; with
-C{PYPY_GC_NURSERY=}L{PYPY_NURSERY} the typical chain served far more
-requests/s than with the default, for more memory (docs/performance.rst,
-"Garbage collection").  The systemd unit sets
-it; on PyPy, L{CollectorTuning.settle} logs the nursery size in use, and
-how to set it when it was not.
+B{PyPy} has a different, generational collector and none of these
+functions.  What sets its speed is the size of its nursery, where new
+objects are allocated: PyPy sizes it from the CPU's cache (1 MB on the
+benchmark's machine), and every request's objects that are still alive
+when it fills are copied out.  It is read once, when PyPy starts, from the
+environment variable C{PYPY_GC_NURSERY}; with
+C{PYPY_GC_NURSERY=}L{PYPY_NURSERY} the typical chain served 1.6 to 1.7
+times the requests/s of the default, for about 160 MiB more memory.  The
+systemd unit sets it; on PyPy, L{CollectorTuning.settle} logs the nursery
+size in use, and how to set it when it was not.
+
+C{TXGATEWAY_GC_TUNING=off} in the environment turns all of this off.
 """
 
 from __future__ import annotations
 
 import gc as _gc
 import os
-from typing import Any
+from typing import Any, Mapping, Optional
 
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 _log = Logger()
 
+#: Container allocations (net of deallocations) between two generation 0
+#: collections; CPython's default is 700 (2,000 from 3.13). The objects
+#: of 64 requests in flight cross 700 on their own; in the benchmark,
+#: 5,000 and 20,000 both cut the collections from ~200 to ~2 a second.
+GEN0_THRESHOLD = 10_000
+
+#: Seconds from the last config reload to the next settle.
+RESETTLE_DELAY = 60.0
+
 #: The nursery size recommended for PyPy (C{PYPY_GC_NURSERY}).
 PYPY_NURSERY = "32MB"
 
-#: Container allocations (net of deallocations) between two generation 0
-#: collections; CPython's default is 700. The objects of 64 requests in
-#: flight cross 700 on their own; in the benchmark, 5,000 and 20,000 both
-#: cut the collections from ~200 to ~2 a second.
-GEN0_THRESHOLD = 10_000
+
+def tuning_enabled(environ: Mapping[str, str]) -> bool:
+    """
+    Whether C{environ} leaves the collector tuning on: it is, unless
+    C{TXGATEWAY_GC_TUNING} is C{off}, C{0}, C{no} or C{false}.
+    """
+    return environ.get("TXGATEWAY_GC_TUNING", "").strip().lower() not in (
+        "off",
+        "0",
+        "no",
+        "false",
+    )
 
 
 class CollectorTuning:
     """
     Sets and freezes the collector of this process (see the module
     docstring).  Only the process that serves (twistd's) should use one:
-    freezing is process-wide.
+    freezing and thresholds are process-wide.
 
     @param gc: the C{gc} module, or an object with its C{collect},
         C{freeze}, C{unfreeze}, C{get_freeze_count}, C{get_threshold} and
-        C{set_threshold}; without C{freeze} (PyPy) nothing is done.
-    @param gen0_threshold: the generation 0 threshold, in allocations; it
-        is never lowered.
+        C{set_threshold}; without C{freeze} (PyPy) only the nursery is
+        reported, from C{get_stats()}.
+    @param gen0_threshold: the generation 0 threshold, in container
+        allocations; it is never lowered.
+    @param environ: the environment (C{os.environ} if None), read for
+        C{PYPY_GC_NURSERY}.
     """
 
     def __init__(
-        self, gc: Any = _gc, gen0_threshold: int = GEN0_THRESHOLD, environ: Any = None
+        self,
+        gc: Any = _gc,
+        gen0_threshold: int = GEN0_THRESHOLD,
+        environ: Optional[Mapping[str, str]] = None,
     ) -> None:
         self._gc = gc
         self.gen0_threshold = gen0_threshold
@@ -87,6 +114,7 @@ class CollectorTuning:
         #: Whether this interpreter's collector has a permanent generation.
         self.supported = hasattr(gc, "freeze") and hasattr(gc, "set_threshold")
         self._reported = False
+        self._pending: Optional[IDelayedCall] = None
 
     def start(self) -> None:
         """
@@ -101,20 +129,26 @@ class CollectorTuning:
 
     def settle(self) -> int:
         """
-        Collect everything, then freeze what survives: call once the
-        process has built what it keeps (the listeners listen, a reload's
-        replaced pools have closed).  The collection pauses the process
-        for as long as one full collection did before (tens of ms).
+        Thaw, collect everything, then freeze what survives: call once the
+        process has built what it keeps (the listeners listen).  The
+        collection pauses the process for as long as one full collection
+        did before (tens of ms).  Never raises: a failure is logged, and
+        the collector keeps its defaults.
 
         @return: the number of objects now in the permanent generation (0
-            where unsupported).
+            where unsupported or on failure).
         """
-        if not self.supported:
-            self._report_nursery()
+        try:
+            if not self.supported:
+                self._report_nursery()
+                return 0
+            self._gc.unfreeze()
+            self._gc.collect()
+            self._gc.freeze()
+            frozen = self._gc.get_freeze_count()
+        except Exception:
+            _log.failure("garbage collector: settling failed")
             return 0
-        self._gc.collect()
-        self._gc.freeze()
-        frozen = self._gc.get_freeze_count()
         _log.info(
             "garbage collector: {frozen} objects frozen, thresholds {thresholds}",
             frozen=frozen,
@@ -125,20 +159,43 @@ class CollectorTuning:
     def thaw(self) -> None:
         """
         Put every frozen object back into the oldest generation, where
-        full collections see it again (when a reload replaces what was
-        frozen).
+        full collections see it again.
         """
         if self.supported:
             self._gc.unfreeze()
+
+    def reloaded(self, clock: IReactorTime, delay: float = RESETTLE_DELAY) -> None:
+        """
+        A config reload was applied: thaw now, and settle C{delay} seconds
+        after the last of a burst of reloads (a pending settle is pushed
+        back, not doubled).
+
+        @param clock: the reactor, for C{callLater}.
+        @param delay: seconds.
+        """
+        if not self.supported:
+            return
+        self.thaw()
+        if self._pending is not None and self._pending.active():
+            self._pending.reset(delay)
+        else:
+            self._pending = clock.callLater(delay, self.settle)
+
+    def cancel(self) -> None:
+        """
+        Drop a pending settle (the gateway is stopping).
+        """
+        if self._pending is not None and self._pending.active():
+            self._pending.cancel()
+        self._pending = None
 
     def _report_nursery(self) -> None:
         # PyPy's gc.get_stats() describes its nursery; CPython has none.
         stats = getattr(self._gc, "get_stats", None)
         if self._reported or stats is None:
             return
-        try:
-            nursery = stats().nursery_size
-        except (AttributeError, TypeError):
+        nursery = getattr(stats(), "nursery_size", None)
+        if nursery is None:
             return
         self._reported = True
         if self._environ.get("PYPY_GC_NURSERY"):

@@ -40,6 +40,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gateway.config import Config, ConfigError, Extension, duration, parse_config, register
+from gateway.heap import CollectorTuning
 
 _log = Logger()
 
@@ -135,9 +136,9 @@ class ConfigWatcher(Service):
     @param run: C{run(f, *args)} -> Deferred; runs blocking file I/O (by
         default in the reactor's thread pool).
     @param install_signal: handle C{SIGHUP} while running.
-    @param collector: a L{gateway.heap.CollectorTuning}, or None: a reload
-        thaws what it froze at start-up (the replaced config is among it),
-        and settles it again once the replaced pools have closed.
+    @param collector: a L{gateway.heap.CollectorTuning}, or None: told of
+        each applied reload (L{CollectorTuning.reloaded}: the replaced
+        config was frozen with the rest of start-up).
     """
 
     name = "config-watcher"
@@ -150,7 +151,7 @@ class ConfigWatcher(Service):
         clock,
         run: Optional[Callable[..., Deferred]] = None,
         install_signal: bool = True,
-        collector=None,
+        collector: Optional[CollectorTuning] = None,
     ) -> None:
         self.gateway = gateway
         self.path = path
@@ -195,6 +196,8 @@ class ConfigWatcher(Service):
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
+        if self._collector is not None:
+            self._collector.cancel()
         if self._install_signal and self._previous_handler is not None:
             signal.signal(signal.SIGHUP, self._previous_handler)
             self._previous_handler = None
@@ -285,8 +288,7 @@ class ConfigWatcher(Service):
         closing = self.gateway.apply(config)
         closing.addErrback(lambda f: _log.failure("closing replaced backend pools failed", f))
         if self._collector is not None:
-            self._collector.thaw()
-            closing.addCallback(lambda _: self._collector.settle())
+            self._collector.reloaded(self._clock)
         self.last_error = None
         self._count("ok")
         _log.info(

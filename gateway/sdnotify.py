@@ -8,7 +8,8 @@ PyPI has had no release since 2017, and C{systemd-python} is a C extension
 that needs libsystemd headers to build; the whole protocol is the few lines
 below.
 
-The gateway sends C{READY=1} once its listeners listen and C{STOPPING=1}
+The gateway sends C{READY=1} once its listeners listen and its reactor
+runs (so that a C{SIGTERM} right after it drains) and C{STOPPING=1}
 when its shutdown starts. A reload does not interrupt service, so it sends
 nothing (systemd 252 has no C{Type=notify-reload} anyway).
 """

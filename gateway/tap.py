@@ -19,14 +19,17 @@ inherited socket as its listener). See L{gateway.workers}.
 On stop (C{SIGTERM}) the listeners stop first, then open client
 connections drain for up to C{drain_timeout} seconds (L{gateway.drain}),
 then backend pools close; twistd exits 0. Under systemd (C{Type=notify})
-C{READY=1} is sent once the listeners listen and C{STOPPING=1} when the
-stop begins (L{gateway.sdnotify}).
+C{READY=1} is sent once the listeners listen and the reactor runs (its
+C{SIGTERM} handler installed), and C{STOPPING=1} when the stop begins
+(L{gateway.sdnotify}). Then the garbage collector is settled
+(L{gateway.heap}).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from typing import Optional
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
@@ -36,6 +39,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from gateway.config import Config, ConfigError, load_config
+from gateway.heap import CollectorTuning, tuning_enabled
 from gateway.reactor import install_unless_chosen
 
 _log = Logger()
@@ -194,12 +198,17 @@ class GatewayService(MultiService):
         None (the master of workers has no client connections).
     @ivar drain_timeout: seconds given to in-flight requests on stop.
     @ivar collector: a L{gateway.heap.CollectorTuning} started with the
-        service and settled once the listeners listen, or None (tests, which
-        share one process).
+        service and settled once the listeners listen and the reactor runs,
+        or None (tests, which share one process).
     """
 
     def __init__(
-        self, gateway, drainer=None, drain_timeout: float = 0.0, notify=None, collector=None
+        self,
+        gateway,
+        drainer=None,
+        drain_timeout: float = 0.0,
+        notify=None,
+        collector: Optional[CollectorTuning] = None,
     ) -> None:
         super().__init__()
         self.gateway = gateway
@@ -221,9 +230,10 @@ class GatewayService(MultiService):
         # manager that stopped the gateway as soon as it read READY=1 could
         # kill it with the default handler (no drain, exit -15).
         ready.addCallback(lambda _: _when_running(self.gateway.reactor))
-        if self.collector is not None:
-            ready.addCallback(lambda _: self.collector.settle())
         ready.addCallback(lambda _: self._notify("READY=1"))
+        if self.collector is not None:
+            # Still before the reactor's first poll; settle never raises.
+            ready.addCallback(lambda _: self.collector.settle())
         ready.addErrback(lambda f: _log.failure("a listener failed to start", f))
 
     def stopService(self):
@@ -307,17 +317,19 @@ def _check_worker_endpoint(endpoint, listen: str) -> None:
         )
 
 
-def makeService(options: Options, reactor=None, collector=None) -> GatewayService:
+def makeService(
+    options: Options, reactor=None, collector: Optional[CollectorTuning] = None
+) -> GatewayService:
     """
     Build the service tree from parsed options.
 
     @param reactor: the reactor to run on; the global one if None.
-    @param collector: a L{gateway.heap.CollectorTuning} for this process's
-        garbage collector; if None, one when C{reactor} is None too (twistd's
-        call), else none (a test's call, in a process it shares).
+    @param collector: the tuning of this process's garbage collector
+        (L{gateway.heap}); if None, a new one when C{reactor} is None too
+        (twistd's call) unless C{TXGATEWAY_GC_TUNING=off}, else none (a
+        test's call, in a process it shares).
     @raise ValueError: an endpoint string cannot be parsed.
     """
-    from gateway.heap import CollectorTuning
     from gateway.admin import admin_site
     from gateway.drain import Drainer
     from gateway.proxy import GatewaySite
@@ -327,7 +339,7 @@ def makeService(options: Options, reactor=None, collector=None) -> GatewayServic
 
     if reactor is None:
         reactor = _reactor()
-        if collector is None:
+        if collector is None and tuning_enabled(os.environ):
             collector = CollectorTuning()
     config: Config = getattr(options, "config", None) or load_config(options["config"])
     gateway = Gateway(reactor, config)

@@ -21,12 +21,13 @@ def backends():
 def pytest_collection_modifyitems(config, items):
     """
     Tests marked C{cpython_only} are about CPython itself (its small-object
-    allocator, measured with tracemalloc, which PyPy lacks): under PyPy they
-    are deselected, and counted as such, rather than skipped.
+    allocator, measured with tracemalloc, which PyPy lacks; C{gc.freeze}):
+    under PyPy they are deselected, and counted as such, rather than
+    skipped.  Tests marked C{pypy_only} (PyPy's collector) are deselected
+    under CPython.
     """
-    if not ON_PYPY:
-        return
-    kept = [item for item in items if item.get_closest_marker("cpython_only") is None]
+    other = "cpython_only" if ON_PYPY else "pypy_only"
+    kept = [item for item in items if item.get_closest_marker(other) is None]
     if len(kept) != len(items):
         config.hook.pytest_deselected(items=[i for i in items if i not in kept])
         items[:] = kept

@@ -4,7 +4,6 @@ End to end: a real twistd gateway in front of real backend processes.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import re
@@ -79,7 +78,7 @@ def test_runs_on_the_gateway_reactor_by_default(gateway):
     assert "reactor class: gateway.reactor.GatewayEPollReactor." in gateway.log()
 
 
-@pytest.mark.skipif(not hasattr(gc, "freeze"), reason="gc.freeze is CPython's")
+@pytest.mark.cpython_only  # gc.freeze is CPython's
 def test_freezes_start_up_objects_once_listening(gateway):
     """gateway.heap: start-up's objects frozen, the gen0 threshold raised."""
     pattern = re.compile(r"garbage collector: (\d+) objects frozen, thresholds \((\d+),")

@@ -5,24 +5,21 @@ the service tree and the config watcher use it.
 """
 
 import gc
-import os
-import platform
 import weakref
 from types import SimpleNamespace
 
 import pytest
 from twisted.internet import defer
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 
 from gateway.config import parse_config
-from gateway.heap import GEN0_THRESHOLD, CollectorTuning
+from gateway.heap import GEN0_THRESHOLD, CollectorTuning, tuning_enabled
 from gateway.reload import ConfigWatcher
 from gateway.state import Gateway
 from gateway.tap import GatewayService
 
-cpython = pytest.mark.skipif(
-    platform.python_implementation() != "CPython", reason="gc.freeze is CPython's"
-)
+cpython = pytest.mark.cpython_only  # gc.freeze is CPython's
 
 
 @pytest.fixture
@@ -75,15 +72,85 @@ def test_settle_freezes_what_exists_and_thaw_gives_it_back(real_gc):
 
 @cpython
 def test_settle_collects_garbage_before_freezing(real_gc):
-    """Cycles already unreachable are collected, not frozen for good."""
+    """Cycles already unreachable are collected, not frozen."""
+    gc.disable()  # no automatic collection may do settle's work
+    try:
+        cycle = _Cycle()
+        ref = weakref.ref(cycle)
+        del cycle
+        CollectorTuning().settle()
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
+@cpython
+def test_settle_thaws_first_so_a_cycle_frozen_earlier_is_collected(real_gc):
+    """
+    A cycle alive (a request in flight, say) when one settle froze it, and
+    dropped since, is collected by the next settle.
+    """
+    tuning = CollectorTuning()
     cycle = _Cycle()
     ref = weakref.ref(cycle)
+    tuning.settle()
     del cycle
-    CollectorTuning().settle()
+    gc.collect()
+    assert ref() is not None  # frozen
+    tuning.settle()
     assert ref() is None
 
 
-@pytest.mark.skipif(hasattr(gc, "freeze"), reason="an interpreter without gc.freeze (PyPy)")
+@cpython
+def test_reloaded_thaws_now_and_settles_after_the_last_of_a_burst(real_gc):
+    clock = Clock()
+    tuning = CollectorTuning()
+    tuning.settle()
+    assert gc.get_freeze_count() > 0
+    tuning.reloaded(clock, delay=60)
+    assert gc.get_freeze_count() == 0  # the replaced config is collectable now
+    clock.advance(59)
+    tuning.reloaded(clock, delay=60)  # a second reload pushes the settle back
+    clock.advance(59)
+    assert gc.get_freeze_count() == 0
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(1)
+    assert gc.get_freeze_count() > 0
+    assert clock.getDelayedCalls() == []
+
+
+@cpython
+def test_cancel_drops_a_pending_settle(real_gc):
+    clock = Clock()
+    tuning = CollectorTuning()
+    tuning.reloaded(clock)
+    tuning.cancel()
+    assert clock.getDelayedCalls() == []
+
+
+def test_settle_logs_a_failure_and_never_raises(monkeypatch):
+    messages = _logged(monkeypatch)
+
+    class Broken:
+        def unfreeze(self):
+            raise RuntimeError("broken collector")
+
+        freeze = set_threshold = unfreeze
+
+    assert CollectorTuning(gc=Broken()).settle() == 0
+    assert messages() == ["garbage collector: settling failed"]
+
+
+@pytest.mark.parametrize(
+    "value, enabled",
+    [(None, True), ("", True), ("on", True), ("off", False), ("0", False), ("FALSE", False)],
+)
+def test_tuning_can_be_turned_off_from_the_environment(value, enabled):
+    environ = {} if value is None else {"TXGATEWAY_GC_TUNING": value}
+    assert tuning_enabled(environ) is enabled
+
+
+@pytest.mark.pypy_only
 def test_without_freeze_nothing_is_done():
     tuning = CollectorTuning()
     assert not tuning.supported
@@ -103,14 +170,21 @@ class _Recorder:
         self.calls.append("settle")
         return 1
 
-    def thaw(self):
-        self.calls.append("thaw")
+    def reloaded(self, clock):
+        self.calls.append("reloaded")
+
+    def cancel(self):
+        self.calls.append("cancel")
 
 
 def test_service_settles_once_the_listeners_listen_and_the_reactor_runs():
     collector = _Recorder()
     reactor = MemoryReactorClock()
-    service = GatewayService(SimpleNamespace(reactor=reactor), collector=collector)
+    service = GatewayService(
+        SimpleNamespace(reactor=reactor),
+        collector=collector,
+        notify=lambda state: collector.calls.append(state),
+    )
     listening = defer.Deferred()
     service.readiness.append(lambda: listening)
     service.startService()
@@ -118,7 +192,7 @@ def test_service_settles_once_the_listeners_listen_and_the_reactor_runs():
     listening.callback(None)
     assert collector.calls == ["start"]
     reactor.run()
-    assert collector.calls == ["start", "settle"]
+    assert collector.calls == ["start", "READY=1", "settle"]
 
 
 _CONFIG = """
@@ -130,9 +204,7 @@ services:
 """
 
 
-def test_reload_thaws_then_settles_once_replaced_pools_closed(tmp_path, monkeypatch):
-    from twisted.internet.task import Clock
-
+def test_the_watcher_reports_applied_reloads_and_cancels_on_stop(tmp_path, monkeypatch):
     path = tmp_path / "gateway.yaml"
     path.write_text(_CONFIG.format(service="a"))
     gateway = Gateway(Clock(), parse_config(path.read_text(), str(path)))
@@ -144,12 +216,10 @@ def test_reload_thaws_then_settles_once_replaced_pools_closed(tmp_path, monkeypa
         install_signal=False, collector=collector,
     )
     path.write_text(_CONFIG.format(service="b"))
-    st = path.stat()
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     watcher.reload()
-    assert collector.calls == ["thaw"]
-    closing.callback(None)
-    assert collector.calls == ["thaw", "settle"]
+    assert collector.calls == ["reloaded"]
+    watcher.stopService()
+    assert collector.calls == ["reloaded", "cancel"]
 
 
 def _pypy_gc(nursery="1.0MB"):
@@ -185,7 +255,7 @@ def test_on_pypy_a_chosen_nursery_is_reported_as_is(monkeypatch):
     assert messages() == ["garbage collector: PyPy, nursery 32.0MB"]
 
 
-@pytest.mark.skipif(platform.python_implementation() != "PyPy", reason="PyPy's gc.get_stats")
+@pytest.mark.pypy_only
 def test_real_pypy_nursery_is_read(monkeypatch):
     messages = _logged(monkeypatch)
     CollectorTuning(environ={}).settle()
@@ -197,3 +267,18 @@ def test_cpython_settle_does_not_report_a_nursery(real_gc, monkeypatch):
     messages = _logged(monkeypatch)
     CollectorTuning(environ={}).settle()
     assert "nursery" not in " ".join(messages())
+
+
+def test_make_service_hands_the_collector_to_the_service_and_the_watcher(tmp_path):
+    from gateway.tap import Options, makeService
+
+    path = tmp_path / "gw.yaml"
+    path.write_text("listen: tcp:0:interface=127.0.0.1\n" + _CONFIG.format(service="a"))
+    options = Options()
+    options.parseOptions(["--config", str(path)])
+    collector = _Recorder()
+    root = makeService(options, MemoryReactorClock(), collector=collector)
+    assert root.collector is collector
+    assert root.getServiceNamed("config-watcher")._collector is collector
+    # a caller that brings its own reactor (a test) gets no tuning unasked
+    assert makeService(options, MemoryReactorClock()).collector is None
