@@ -606,3 +606,68 @@ def test_forwarder_over_sockets(lean):
     finally:
         yield forwarder.close()
         yield port.stopListening()
+
+
+class _TCPLikeTransport(StringTransport):
+    """A StringTransport with the read size of Twisted's TCP transport."""
+
+    bufferSize = 65536
+
+
+def _connected_over(transport_class):
+    _, pool, ep = setup()
+    ep.connect = lambda factory: _connect(ep, factory, transport_class)
+    return pool, ep
+
+
+def _connect(ep, factory, transport_class):
+    proto = factory.buildProtocol(None)
+    proto.makeConnection(transport_class())
+    ep.protocols.append(proto)
+    return succeed(proto)
+
+
+def test_a_large_known_length_body_is_read_in_larger_pieces_until_its_end():
+    """
+    Twisted's TCP transport reads bufferSize bytes at a time (64 KiB): for
+    a body of more than LARGE_READ still to come the connection reads
+    LARGE_READ, and goes back to 64 KiB for the next response.
+    """
+    from twisted.internet import tcp
+
+    from gateway.upstream import LARGE_READ
+
+    assert tcp.Connection.bufferSize == 65536  # what doRead passes to recv()
+    pool, ep = _connected_over(_TCPLikeTransport)
+    size = LARGE_READ + 10
+    d = send(pool, ep)
+    proto = ep.protocols[0]
+    proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+    assert proto.transport.bufferSize == LARGE_READ
+    body = _read_all(proto, d)
+    proto.dataReceived(b"x" * LARGE_READ)
+    assert proto.transport.bufferSize == LARGE_READ
+    proto.dataReceived(b"x" * 10)
+    assert body.reason.check(ResponseDone)
+    assert proto.transport.bufferSize == 65536
+    # a small body leaves the read size alone
+    d = send(pool, ep)
+    assert ep.protocols == [proto]
+    proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+    assert proto.transport.bufferSize == 65536
+    proto.dataReceived(b"y" * 1000)
+    assert result(d).code == 200
+
+
+def test_a_transport_without_a_read_size_is_left_alone():
+    """A TLS connection's transport has no bufferSize: nothing is set on it."""
+    from gateway.upstream import LARGE_READ
+
+    pool, ep = _connected_over(StringTransport)
+    d = send(pool, ep)
+    proto = ep.protocols[0]
+    proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (LARGE_READ * 2))
+    assert not hasattr(proto.transport, "bufferSize")
+    body = _read_all(proto, d)
+    proto.dataReceived(b"z" * (LARGE_READ * 2))
+    assert body.reason.check(ResponseDone)
