@@ -15,11 +15,15 @@ from tests.harness import BodyRecorder
 
 
 class FakeEndpoint:
-    """Connects at once over a L{StringTransport}; remembers each protocol."""
+    """
+    Connects at once over a C{transport} (a L{StringTransport} class);
+    remembers each protocol.
+    """
 
-    def __init__(self, refuse=False):
+    def __init__(self, refuse=False, transport=StringTransport):
         self.protocols = []
         self.refuse = refuse
+        self.transport = transport
 
     def connect(self, factory):
         if self.refuse:
@@ -27,7 +31,7 @@ class FakeEndpoint:
 
             return fail(ConnectionRefusedError())
         proto = factory.buildProtocol(None)
-        proto.makeConnection(StringTransport())
+        proto.makeConnection(self.transport())
         self.protocols.append(proto)
         return succeed(proto)
 
@@ -615,16 +619,8 @@ class _TCPLikeTransport(StringTransport):
 
 
 def _connected_over(transport_class):
-    _, pool, ep = setup()
-    ep.connect = lambda factory: _connect(ep, factory, transport_class)
-    return pool, ep
-
-
-def _connect(ep, factory, transport_class):
-    proto = factory.buildProtocol(None)
-    proto.makeConnection(transport_class())
-    ep.protocols.append(proto)
-    return succeed(proto)
+    _, pool, _ = setup()
+    return pool, FakeEndpoint(transport=transport_class)
 
 
 def test_a_large_known_length_body_is_read_in_larger_pieces_until_its_end():
