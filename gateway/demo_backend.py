@@ -22,7 +22,9 @@ port). It answers every path with a JSON echo of the request, except:
     C{etag} (sends C{ETag: "VALUE"} and answers a matching
     C{If-None-Match} with 304), C{lm} (sends C{Last-Modified} of that POSIX
     time and answers C{If-Modified-Since} with 304), C{cc304} (the
-    C{Cache-Control} of those 304s, default C{cc}), C{vary}, C{cookie=1}
+    C{Cache-Control} of those 304s, default C{cc}), C{ccnext} (the
+    C{Cache-Control} of this ID's full responses after its first, default
+    C{cc}), C{vary}, C{cookie=1}
     (adds C{Set-Cookie}), C{bytes=N} (an N-byte body instead of JSON),
     C{delay=S} (answers after S seconds). The JSON body carries C{n}, the
     count of this ID's requests so far, and the request headers.
@@ -156,6 +158,8 @@ class Echo(Resource):
             request.setHeader(b"Cache-Control", b"no-store")
             return self.echo(request)
         cc = arg("cc", "max-age=60")
+        if counts["requests"] > 1:
+            cc = arg("ccnext", cc)
         etag = arg("etag")
         lm = arg("lm")
         if arg("vary"):
