@@ -8,7 +8,15 @@ the gateway's client-side CPU under load (docs/performance.rst): a state
 machine per request, a body producer protocol, a line parser written in
 Python, several Deferreds per request. This client does one request at a
 time per connection with one Deferred, writes the request head and body
-in one C{transport.write}, and leaves parsing to llhttp.
+in one C{transport.write}, and leaves parsing to llhttp: llhttp checks
+every byte of a response head and frames the body (Content-Length,
+chunked, close-delimited, keep-alive).  It is not asked to call back for
+each header field, though: a call from C into Python costs about a
+microsecond on PyPy (cpyext), ten of them most of the cost of a small
+response there.  Once llhttp has accepted a whole head, its status line
+and fields are read from its bytes in one pass
+(L{UpstreamProtocol.on_headers_complete}); a head larger than
+L{MAX_HEAD_SIZE} fails the response.
 
 Its responses look like L{twisted.web.iweb.IResponse} to the proxy:
 C{code}, C{phrase}, C{headers} (without connection-control fields, which
@@ -70,9 +78,45 @@ _EMPTY_BODY_LENGTH = frozenset([b"POST", b"PUT", b"PATCH"])
 #: small responses 10%.
 LARGE_READ = 256 * 1024
 
+#: The largest response head read from a backend, in bytes (status line
+#: and header fields); a larger one fails the response (a 502 for the
+#: client), as Envoy's C{max_response_headers_kb} (60 KiB) and nginx's
+#: C{proxy_buffer_size} ("upstream sent too big header") do.
+MAX_HEAD_SIZE = 64 * 1024
+
+
+class ResponseHeadTooLarge(Exception):
+    """A backend's response head exceeded L{MAX_HEAD_SIZE} bytes."""
+
+    def __str__(self) -> str:
+        return f"the backend's response head is over {MAX_HEAD_SIZE} bytes"
+
+
+class NotHTTPResponse(Exception):
+    """A response head that llhttp accepts but that is not HTTP's (its
+    status line starts C{RTSP/} or C{ICE/})."""
+
+
+class _ParserEvents:
+    """
+    What an C{httptools} parser calls back: the start and end of a head,
+    body bytes, the end of a message.  llhttp calls only the callbacks its
+    protocol object has, so the status line and the fields (about ten calls
+    into Python per response, through cpyext on PyPy) are not called back.
+    """
+
+    __slots__ = ("on_message_begin", "on_headers_complete", "on_body", "on_message_complete")
+
+    def __init__(self, protocol: "UpstreamProtocol") -> None:
+        self.on_message_begin = protocol.on_message_begin
+        self.on_headers_complete = protocol.on_headers_complete
+        self.on_body = protocol.on_body
+        self.on_message_complete = protocol.on_message_complete
+
 
 class _Stop(Exception):
-    """Raised in a parser callback to stop parsing (end of a HEAD response)."""
+    """Raised in a parser callback to stop parsing: the end of a HEAD
+    response's head, or the start of a body on the fast path."""
 
 
 class UpstreamResponse:
@@ -174,9 +218,17 @@ class UpstreamProtocol(Protocol):
         self._received = False
         self._complete = False
         self._keep_alive = False
-        self._names: list = []
-        self._fields: list = []
-        self._phrase = b""
+        # The head being parsed: the read fed to the parser; the earlier
+        # reads that hold the start of a head not yet complete; held + read,
+        # joined once a head ends in this read; and where the next head
+        # starts in that (0, or past the end of a 1xx head in this read).
+        self._data = b""
+        self._held: list = []
+        self._held_size = 0
+        self._joined: Optional[bytes] = None
+        self._head_from = 0
+        self._in_head = False
+        self._pooled = False  # released to the pool after a response
         #: When this connection last went back to the pool (reactor time).
         self._idle_since = 0.0
         self._closed: Optional[Deferred] = None
@@ -189,11 +241,8 @@ class UpstreamProtocol(Protocol):
         # The body fast path: bytes of a Content-Length body still to come,
         # handed to the response without the parser; None when parsing.
         self._body_left: Optional[int] = None
-        self._chunk = b""  # what the parser is being fed
-        self._tail = b""  # the last 3 bytes fed before it
         self._read_size: Optional[int] = None
-        self._interim = False  # a 1xx response came first
-        self._body_start = 0  # where the body begins in the chunk
+        self._body_start = 0  # where the body begins in the read
 
     def connectionMade(self) -> None:
         self.connected_ = True
@@ -226,16 +275,16 @@ class UpstreamProtocol(Protocol):
         self._complete = False
         self._cancelled = False
         self._ready = None
-        self._names = []
-        self._fields = []
         self._body_left = None
-        self._tail = b""
-        self._interim = False
+        self._held = []
+        self._held_size = 0
+        self._in_head = False
+        self._pooled = False
         if self._parser is None:
             # One parser per connection, for response after response: llhttp
             # starts on the next message by itself.  Making one costs 7 us on
             # PyPy (cpyext), 40% of parsing a small response there.
-            self._parser = httptools.HttpResponseParser(self)
+            self._parser = httptools.HttpResponseParser(_ParserEvents(self))
         lines = [method, b" ", path, b" HTTP/1.1\r\n"]
         for name, values in headers.getAllRawHeaders():
             for value in values:
@@ -267,29 +316,56 @@ class UpstreamProtocol(Protocol):
     def on_message_begin(self) -> None:
         if self._complete:
             self._keep_alive = False  # bytes nobody asked for: do not reuse
+        self._in_head = True
 
-    def on_status(self, status: bytes) -> None:
-        self._phrase = status
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._names.append(name)
-        self._fields.append(value)
+    def _head_bytes(self) -> bytes:
+        """The bytes of this read, after those held from earlier ones."""
+        joined = self._joined
+        if joined is None:
+            if self._held:
+                self._held.append(self._data)
+                joined = b"".join(self._held)
+                self._held = []
+                self._held_size = 0
+            else:
+                joined = self._data
+            self._joined = joined
+        return joined
 
     def on_headers_complete(self) -> None:
-        parser = self._parser
-        code = parser.get_status_code()
-        names, values = self._names, self._fields
-        self._names = []
-        self._fields = []
+        self._in_head = False
+        if self._complete:
+            return  # after the response: nobody asked for this one
+        data = self._head_bytes()
+        # llhttp has accepted every byte of this head, or it would not be
+        # here: empty lines, a status line "HTTP/x.y" SP three digits [SP
+        # reason] (or RTSP/, ICE/: refused below), then fields "token:" OWS
+        # value, each line ended by CRLF (no bare LF, no obs-fold).  So the
+        # head runs from the status line to the first CRLFCRLF after it, and
+        # its lines split as llhttp split them (tests/test_upstream.py).
+        start = self._head_from
+        if not data.startswith(b"HTTP/", start):
+            rest = data[start:].lstrip(b"\r\n")
+            if not rest.startswith(b"HTTP/"):
+                raise NotHTTPResponse(rest[:16])
+            start = len(data) - len(rest)
+        end = data.find(b"\r\n\r\n", start)
+        if end - start > MAX_HEAD_SIZE:
+            raise ResponseHeadTooLarge()
+        self._head_from = end + 4
+        lines = data[start:end].split(b"\r\n")
+        status = lines[0]
+        code = int(status[9:12])
         if code < 200:
-            self._interim = True
             return  # 100 Continue and the like: ignored, the final one follows
         headers: dict = {}
         control: dict = {}
         head = self._head
         length = UNKNOWN_LENGTH
         chunked = False
-        for name, value in zip(names, values):
+        for i in range(1, len(lines)):
+            name, _, value = lines[i].partition(b":")
+            value = value.lstrip(b" \t")  # llhttp keeps trailing whitespace
             lower = name.lower()
             if lower in CONNECTION_CONTROL and not (head and lower == b"content-length"):
                 target = control
@@ -302,37 +378,35 @@ class UpstreamProtocol(Protocol):
                     chunked = True
             else:
                 target = headers
-            found = target.get(name)
+            # By the lower-case name: Headers capitalizes names its own way,
+            # and "Set-Cookie" and "set-cookie" are one field (RFC 9110 5.1).
+            found = target.get(lower)
             if found is None:
-                target[name] = [value]
+                target[lower] = [value]
             else:
                 found.append(value)
         if chunked:
             length = UNKNOWN_LENGTH
         if head or code == 204 or code == 304:
             length = 0
-        self._keep_alive = parser.should_keep_alive()
+        self._keep_alive = self._parser.should_keep_alive()
         self._response = self._ready = UpstreamResponse(
-            self, code, self._phrase, Headers(headers), Headers(control), length
+            self, code, status[13:], Headers(headers), Headers(control), length
         )
         if head:
             self._message_complete()
             raise _Stop()
-        if length is not UNKNOWN_LENGTH and length > 0 and not self._interim:
+        if length is not UNKNOWN_LENGTH and length > 0:
             # The body fast path: a body of known length is handed on as
             # it arrives, without the parser, which would copy every chunk
             # (through cpyext on PyPy: a third of the CPU for 1 MiB bodies).
-            # The head ends at the first CRLFCRLF of this response's bytes
-            # (a field value holds no CRLF); the parser is stopped there.
-            # A body already whole in this read is left to the parser:
-            # stopping it costs an exception through the C parser, which
-            # PyPy pays dearly for (its small-response rate fell by half).
-            joined = self._tail + self._chunk
-            end = joined.find(b"\r\n\r\n")
-            start = end + 4 - len(self._tail)
-            if end >= 0 and len(self._chunk) - start < length:
+            # The parser is stopped at the end of the head.  A body already
+            # whole in this read is left to the parser: stopping it costs an
+            # exception through the C parser, which PyPy pays dearly for
+            # (its small-response rate fell by half).
+            if len(data) - self._head_from < length:
                 self._body_left = length
-                self._body_start = start
+                self._body_start = self._head_from - (len(data) - len(self._data))
                 if length > LARGE_READ and self._read_size is not None:
                     self.transport.bufferSize = LARGE_READ
                 raise _Stop()
@@ -380,13 +454,23 @@ class UpstreamProtocol(Protocol):
             self._take_body(data)
             self._after_data()
             return
-        self._chunk = data
+        if self._pooled:
+            # Bytes while the connection sits in the pool answer no request:
+            # empty lines are skipped (as llhttp skips them before a status
+            # line), anything else drops the connection.
+            if data.strip(b"\r\n"):
+                self.abort()
+            return
+        self._data = data
+        self._joined = None
+        self._head_from = 0
         try:
             self._parser.feed_data(data)
         except (_Stop, httptools.HttpParserCallbackError) as e:
             # (a callback's _Stop may arrive wrapped by the parser)
             if not isinstance(e, _Stop) and not isinstance(e.__context__, _Stop):
-                self._fail(Failure())
+                cause = e.__context__
+                self._fail(Failure(cause) if isinstance(cause, Exception) else Failure())
                 return
             self._parser = None  # a stopped parser takes no more input
             if self._body_left is not None:
@@ -394,9 +478,38 @@ class UpstreamProtocol(Protocol):
         except Exception:
             self._fail(Failure())
             return
-        self._chunk = b""
-        self._tail = (self._tail + data)[-3:]
+        # (a head after the response is nobody's: not kept)
+        if self._in_head and not self._complete and not self._hold():
+            return  # too large: failed
+        self._data = b""
+        self._joined = None
         self._after_data()
+
+    def _hold(self) -> bool:
+        """
+        Keep the start of a head that this read did not complete, for the
+        next read; fail the response once what is kept is over
+        L{MAX_HEAD_SIZE} (a head that ends in the next read is measured
+        then, in L{on_headers_complete}).
+
+        @return: whether the response goes on.
+        """
+        if self._joined is not None:
+            # A head ended in this read (a 1xx) and the next one began.
+            piece = self._joined[self._head_from:]
+            self._held = [piece]
+            self._held_size = len(piece)
+        else:
+            # No head ended in this read, so whatever is held, and else
+            # the whole read, starts at the current head.
+            self._held.append(self._data)
+            self._held_size += len(self._data)
+        if self._held_size <= MAX_HEAD_SIZE:
+            return True
+        self._held = []
+        self._held_size = 0
+        self._fail(Failure(ResponseHeadTooLarge()))
+        return False
 
     def _after_data(self) -> None:
         # The response is handed over only now, outside the parser: its
@@ -428,6 +541,7 @@ class UpstreamProtocol(Protocol):
         """A complete response: back to the pool, or closed."""
         if self._keep_alive and not self._aborted:
             self.transport.resumeProducing()
+            self._pooled = True
             self._pool._release(self)
         else:
             self.transport.loseConnection()

@@ -1,5 +1,7 @@
 """The lean backend client: parsing, keep-alive, flow control, cancellation."""
 
+import httptools
+import pytest
 from twisted.internet.defer import CancelledError, succeed
 from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -10,7 +12,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from gateway.upstream import UpstreamPool
+from gateway.upstream import MAX_HEAD_SIZE, NotHTTPResponse, ResponseHeadTooLarge, UpstreamPool
 from tests.harness import BodyRecorder
 
 
@@ -231,19 +233,214 @@ def test_bytes_past_a_known_length_are_dropped_and_the_connection_closed():
     assert proto.transport.disconnecting
 
 
-def test_known_length_after_100_continue_is_left_to_the_parser():
+def test_known_length_after_100_continue_starts_after_the_final_head():
     """After a 1xx head the first CRLFCRLF is not the final head's end: the
-    body is parsed, and arrives whole."""
-    wire = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nbody"
+    body, parsed or on the fast path, starts after the final head's, in any
+    split of the bytes, with empty lines before a status line."""
+    wire = (
+        b"\r\nHTTP/1.1 100 Continue\r\nX-Interim: 1\r\n\r\n"
+        b"\r\nHTTP/1.1 200 OK\r\nContent-Length: 4\r\nX-A: a\r\n\r\nbody"
+    )
+    for cut in range(1, len(wire)):
+        for second in (cut, min(cut + 5, len(wire))):
+            _, pool, ep = setup()
+            d = send(pool, ep, b"POST", b"x")
+            proto = ep.protocols[0]
+            for chunk in (wire[:cut], wire[cut:second], wire[second:]):
+                if chunk:  # (Twisted delivers no empty reads)
+                    proto.dataReceived(chunk)
+            response = result(d)
+            assert response.code == 200, (cut, second)
+            assert list(response.headers.getAllRawHeaders()) == [(b"X-A", [b"a"])]
+            body = Body()
+            response.deliverBody(body)
+            assert b"".join(body.data) == b"body", (cut, second)
+            assert body.reason.check(ResponseDone)
+            assert pool._idle["k"] == [proto]
+
+
+#: Heads llhttp accepts, each read as llhttp's own field callbacks read it.
+ACCEPTED_HEADS = [
+    b"HTTP/1.1 200 OK\r\nA: b  \r\nB:\tc\t\r\nC:  d e  \r\n",
+    b"HTTP/1.1 200 OK\r\nEmpty:\r\nAlso-Empty: \r\nColons: a:b::c\r\n",
+    b"HTTP/1.1 200 OK\r\nObs-Text: \x80\xff\r\nSet-Cookie: a=1\r\nset-cookie: b=2\r\n",
+    b"HTTP/1.1 200\r\nX: 1\r\n",
+    b"HTTP/1.1 200 \r\n",
+    b"HTTP/1.0 404 Not  Found \r\nX-A: 1\r\n",
+    b"HTTP/1.1 599 Whatever\r\nx-lower: v\r\nX-UPPER: V\r\n",
+    b"\r\n\r\nHTTP/1.1 200 OK\r\nX: after empty lines\r\n",
+]
+
+
+class _LLHTTPFields:
+    """llhttp's reading of a head, from its per-field callbacks."""
+
+    def __init__(self, wire):
+        self.fields = []
+        parser = httptools.HttpResponseParser(self)
+        parser.feed_data(wire)
+        self.code = parser.get_status_code()
+
+    def on_status(self, status):
+        self.phrase = status
+
+    def on_header(self, name, value):
+        self.fields.append((name, value))
+
+
+@pytest.mark.parametrize("head", ACCEPTED_HEADS)
+def test_fields_are_read_as_llhttp_reads_them(head):
+    """
+    The status line and fields are read from the head's bytes once llhttp
+    has accepted it: the same code, reason phrase and fields, in order, as
+    llhttp's own per-field callbacks give (leading whitespace of a value
+    dropped, trailing whitespace kept), whatever the split into reads.
+    """
+    wire = head + b"Content-Length: 0\r\n\r\n"
+    llhttp = _LLHTTPFields(wire)
+    for cut in range(1, len(wire)):
+        _, pool, ep = setup()
+        d = send(pool, ep)
+        proto = ep.protocols[0]
+        proto.dataReceived(wire[:cut])
+        proto.dataReceived(wire[cut:])
+        response = result(d)
+        assert response.code == llhttp.code
+        assert response.phrase == getattr(llhttp, "phrase", b"")
+        fields = [
+            (name, value)
+            for name, values in response.headers.getAllRawHeaders()
+            for value in values
+        ]
+        expected = [(n, v) for n, v in llhttp.fields if n.lower() != b"content-length"]
+        # Headers keeps one entry per name, in the order names first came.
+        by_name = {}
+        for name, value in expected:
+            by_name.setdefault(name.lower(), []).append(value)
+        assert [(n.lower(), v) for n, v in fields] == [
+            (name, value) for name, values in by_name.items() for value in values
+        ], cut
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"A: b\r\n c\r\n", b"A : b\r\n", b"A: b\rc\r\n", b" A: b\r\n", b"A\r\n", b": b\r\n",
+     b"A: b\x00\r\n"],
+    ids=["obs-fold", "space-before-colon", "bare-cr", "leading-space", "no-colon",
+         "empty-name", "nul"],
+)
+def test_heads_llhttp_refuses_fail_the_response(line):
+    """A head llhttp refuses is never read by the gateway: the response
+    fails (a 502 for the client) and the connection is dropped."""
+    wire = b"HTTP/1.1 200 OK\r\n" + line + b"Content-Length: 0\r\n\r\n"
+    with pytest.raises(httptools.HttpParserError):
+        _LLHTTPFields(wire)
     _, pool, ep = setup()
-    d = send(pool, ep, b"POST", b"x")
+    d = send(pool, ep)
+    ep.protocols[0].dataReceived(wire)
+    assert result(d).check(ResponseFailed)
+    assert ep.protocols[0].transport.disconnecting
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        b"RTSP/1.0 200 OK\r\nX: HTTP/1.1 404 Fake\r\nContent-Length: 0\r\n\r\n",
+        b"ICE/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    ],
+    ids=["rtsp", "ice"],
+)
+def test_status_lines_of_other_protocols_fail_the_response(wire):
+    """llhttp accepts RTSP/ and ICE/ status lines; the gateway does not
+    read them as HTTP (nor an HTTP/ found later in a field value)."""
+    _LLHTTPFields(wire)  # accepted by llhttp
+    _, pool, ep = setup()
+    d = send(pool, ep)
+    ep.protocols[0].dataReceived(wire)
+    failure = result(d)
+    assert failure.check(ResponseFailed)
+    assert failure.value.reasons[0].check(NotHTTPResponse)
+    assert ep.protocols[0].transport.disconnecting
+
+
+def test_stray_bytes_on_a_pooled_connection():
+    """Empty lines from a backend while its connection is in the pool are
+    skipped, and the connection is still pooled once; anything else drops
+    it from the pool."""
+    _, pool, ep = setup()
+    d = send(pool, ep)
     proto = ep.protocols[0]
-    proto.dataReceived(wire[:-2])
-    proto.dataReceived(wire[-2:])
-    body = _read_all(proto, d)
-    assert b"".join(body.data) == b"body"
-    assert body.reason.check(ResponseDone)
-    assert pool._idle["k"] == [proto]
+    proto.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+    assert result(d).code == 200 and pool._idle["k"] == [proto]
+    proto.dataReceived(b"\r\n")
+    proto.dataReceived(b"\r\n\r\n")
+    assert pool._idle["k"] == [proto] and not proto.transport.disconnecting
+    d2 = send(pool, ep)
+    proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert result(d2).code == 200 and pool._idle["k"] == [proto]
+    proto.dataReceived(b"HTTP/1.1 200 OK\r\n")
+    assert proto.transport.disconnecting
+    close(proto)
+    assert not pool._idle.get("k")
+
+
+def test_a_head_over_the_limit_fails_the_response():
+    """A head that grows past MAX_HEAD_SIZE over many reads fails the
+    response and drops the connection; one just under it is read."""
+    filler = b"X-Filler: " + b"f" * 90 + b"\r\n"
+    status = b"HTTP/1.1 200 OK\r\n"
+    end = b"Content-Length: 0\r\n\r\n"
+    fitting = status + filler * ((MAX_HEAD_SIZE - len(status) - len(end)) // len(filler)) + end
+    assert len(fitting) <= MAX_HEAD_SIZE
+    _, pool, ep = setup()
+    d = send(pool, ep)
+    proto = ep.protocols[0]
+    for i in range(0, len(fitting), 1000):
+        proto.dataReceived(fitting[i:i + 1000])
+    assert result(d).code == 200 and pool._idle["k"] == [proto]
+
+    _, pool, ep = setup()
+    d = send(pool, ep)
+    proto = ep.protocols[0]
+    proto.dataReceived(status)
+    while not proto.transport.disconnecting:
+        proto.dataReceived(filler * 10)
+        assert proto._held_size <= MAX_HEAD_SIZE
+    failure = result(d)
+    assert failure.check(ResponseFailed)
+    assert failure.value.reasons[0].check(ResponseHeadTooLarge)
+
+    # Over the limit by the read that completes it, held or not.
+    too_large = fitting.replace(end, filler * 2 + end)
+    for cuts in ([], [len(too_large) - 10], [60_000, len(too_large) - 10]):
+        _, pool, ep = setup()
+        d = send(pool, ep)
+        proto = ep.protocols[0]
+        for a, b in zip([0] + cuts, cuts + [len(too_large)]):
+            proto.dataReceived(too_large[a:b])
+        failure = result(d)
+        assert failure.check(ResponseFailed), cuts
+        assert failure.value.reasons[0].check(ResponseHeadTooLarge), cuts
+
+
+def test_a_response_after_the_response_is_ignored_and_the_connection_closed():
+    """Bytes past a complete response (here a whole second response in the
+    same read) are nobody's: the first response is whole, the connection
+    is not reused."""
+    _, pool, ep = setup()
+    d = send(pool, ep)
+    proto = ep.protocols[0]
+    proto.dataReceived(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+        b"HTTP/1.1 500 Nobody Asked\r\nContent-Length: 3\r\n\r\nbad"
+    )
+    response = result(d)
+    body = Body()
+    response.deliverBody(body)
+    assert response.code == 200
+    assert b"".join(body.data) == b"ok" and body.reason.check(ResponseDone)
+    assert "k" not in pool._idle or proto not in pool._idle["k"]
+    assert proto.transport.disconnecting
 
 
 def test_bare_lf_heads_are_refused():
