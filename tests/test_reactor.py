@@ -339,3 +339,81 @@ def test_noted_writers_are_listed_and_removed_once():
     assert transport in found["writers"]
     assert found["removed"].count(transport) == 1
     assert reactor.getWriters() == []
+
+
+class _LoggedEvents(list):
+    """The log events emitted while it is observing the global publisher."""
+
+    def __enter__(self):
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.addObserver(self.append)
+        return self
+
+    def __exit__(self, *exc):
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.removeObserver(self.append)
+
+
+def test_events_are_handled_without_the_legacy_log_context():
+    """
+    A protocol's C{dataReceived} runs with no C{system} pushed for it (the
+    cost the module docstring gives), and an exception it raises is still
+    logged with the connection's prefix, its connection dropped, the
+    reactor unharmed.
+    """
+    from twisted.python import context, log
+
+    reactor, _ = _reactor()
+    seen = {}
+
+    class Failing(Protocol):
+        def dataReceived(self, data):
+            seen["system"] = context.get(log.ILogContext)["system"]
+            raise RuntimeError("handler failed")
+
+        def connectionLost(self, reason):
+            seen["lost"] = reason
+            reactor.stop()
+
+    class Writer(Protocol):
+        def connectionMade(self):
+            self.transport.write(b"x")
+
+    with _LoggedEvents() as events:
+        _run(reactor, _pair(Failing, Writer))
+    assert seen["system"] == "-"
+    assert seen["lost"].check(RuntimeError)
+    failures = [e for e in events if e.get("isError")]
+    assert [f["failure"].value.args for f in failures] == [("handler failed",)]
+    assert failures[0]["system"].startswith("Failing,")  # the connection's prefix
+
+
+def test_an_exception_from_a_disconnection_is_logged_with_the_prefix():
+    """
+    An exception that escapes the handling of an event (here from
+    C{connectionLost}) is logged with the connection's C{logPrefix()} as
+    its C{system}, as C{log.callWithLogger} logged it, and the reactor
+    goes on.
+    """
+    reactor, _ = _reactor()
+
+    class BadLoss(Protocol):
+        def logPrefix(self):
+            return "BadLoss"
+
+        def connectionLost(self, reason):
+            reactor.callLater(0, reactor.stop)
+            raise ValueError("connectionLost failed")
+
+    class Closer(Protocol):
+        def connectionMade(self):
+            self.transport.loseConnection()
+
+    with _LoggedEvents() as events:
+        _run(reactor, _pair(BadLoss, Closer))
+    failures = [e for e in events if e.get("isError")]
+    assert len(failures) == 1
+    assert failures[0]["failure"].check(ValueError)
+    assert failures[0]["system"].startswith("BadLoss,")  # the transport's prefix
