@@ -38,13 +38,19 @@ and the replaced pools, are long gone.
 B{PyPy} has a different, generational collector and none of these
 functions.  What sets its speed is the size of its nursery, where new
 objects are allocated: PyPy sizes it from the CPU's cache (1 MB on the
-benchmark's machine), and every request's objects that are still alive
-when it fills are copied out.  It is read once, when PyPy starts, from the
+benchmark's machine, 130 MB on a later one with a 260 MiB L3), and every
+request's objects that are still alive when it fills are copied out.  It is read once, when PyPy starts, from the
 environment variable C{PYPY_GC_NURSERY}; with
 C{PYPY_GC_NURSERY=}L{PYPY_NURSERY} the typical chain served 1.6 to 1.7
-times the requests/s of the default, for about 160 MiB more memory.  The
-systemd unit sets it; on PyPy, L{CollectorTuning.settle} logs the nursery
-size in use, and how to set it when it was not.
+times the requests/s of the default, for about 160 MiB more memory.  Its
+major collections mark the heap in steps of several times the nursery:
+with a 32 MB nursery, all of it at once, a 47-63 ms pause every few
+seconds that set the p99.  C{PYPY_GC_INCREMENT_STEP=}L{PYPY_INCREMENT_STEP}
+marks it in steps of at most 19 ms for the same total time
+(docs/performance.rst).
+The systemd unit sets both; on PyPy, L{CollectorTuning.settle} logs the
+nursery size in use, and advises the step when it is unset and the
+nursery when it is unset and PyPy's default is smaller.
 
 C{TXGATEWAY_GC_TUNING=off} in the environment turns all of this off.
 """
@@ -53,6 +59,7 @@ from __future__ import annotations
 
 import gc as _gc
 import os
+import re
 from typing import Any, Mapping, Optional
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -71,6 +78,25 @@ RESETTLE_DELAY = 60.0
 
 #: The nursery size recommended for PyPy (C{PYPY_GC_NURSERY}).
 PYPY_NURSERY = "32MB"
+
+#: The bytes marked per step of a major collection recommended for PyPy
+#: (C{PYPY_GC_INCREMENT_STEP}; its default is several times the nursery).
+PYPY_INCREMENT_STEP = "2MB"
+
+
+def _megabytes(size: object) -> float:
+    """
+    A size as PyPy's C{gc.get_stats()} writes it (C{"1.0MB"}, C{"512.0kB"},
+    C{"1.2GB"}) in megabytes; 0 if it is not one.
+    """
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([kKMG]?)B\s*", str(size))
+    if match is None:
+        return 0.0
+    try:
+        value = float(match.group(1))
+    except ValueError:
+        return 0.0
+    return value * {"": 1 / 1024**2, "k": 1 / 1024, "K": 1 / 1024, "M": 1, "G": 1024}[match.group(2)]
 
 
 def tuning_enabled(environ: Mapping[str, str]) -> bool:
@@ -198,13 +224,18 @@ class CollectorTuning:
         if nursery is None:
             return
         self._reported = True
-        if self._environ.get("PYPY_GC_NURSERY"):
-            _log.info("garbage collector: PyPy, nursery {nursery}", nursery=nursery)
-        else:
-            _log.info(
-                "garbage collector: PyPy, nursery {nursery} (its default); "
-                "PYPY_GC_NURSERY={recommended} in the environment is faster "
-                "(docs/performance.rst)",
-                nursery=nursery,
-                recommended=PYPY_NURSERY,
-            )
+        message = "garbage collector: PyPy, nursery {nursery}"
+        hints = []
+        if not self._environ.get("PYPY_GC_NURSERY"):
+            message += " (its default)"
+            if _megabytes(nursery) < _megabytes(PYPY_NURSERY):
+                # (PyPy sizes it from the CPU's cache: 1 MB on one machine,
+                # 130 MB on another; a large one needs no advice.)
+                hints.append("PYPY_GC_NURSERY={nursery_hint} is faster")
+        if not self._environ.get("PYPY_GC_INCREMENT_STEP"):
+            hints.append("PYPY_GC_INCREMENT_STEP={step_hint} shortens its pauses")
+        if hints:
+            message += "; in the environment, " + " and ".join(hints) + " (docs/performance.rst)"
+        _log.info(
+            message, nursery=nursery, nursery_hint=PYPY_NURSERY, step_hint=PYPY_INCREMENT_STEP
+        )

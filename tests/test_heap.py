@@ -14,7 +14,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 
 from gateway.config import parse_config
-from gateway.heap import GEN0_THRESHOLD, CollectorTuning, tuning_enabled
+from gateway.heap import GEN0_THRESHOLD, CollectorTuning, _megabytes, tuning_enabled
 from gateway.reload import ConfigWatcher
 from gateway.state import Gateway
 from gateway.tap import GatewayService
@@ -244,15 +244,47 @@ def test_on_pypy_settle_reports_the_nursery_and_how_to_grow_it(monkeypatch):
     assert tuning.settle() == 0
     assert tuning.settle() == 0  # again after a reload: reported once
     assert messages() == [
-        "garbage collector: PyPy, nursery 1.0MB (its default); PYPY_GC_NURSERY=32MB "
-        "in the environment is faster (docs/performance.rst)"
+        "garbage collector: PyPy, nursery 1.0MB (its default); in the environment, "
+        "PYPY_GC_NURSERY=32MB is faster and PYPY_GC_INCREMENT_STEP=2MB shortens its "
+        "pauses (docs/performance.rst)"
     ]
 
 
-def test_on_pypy_a_chosen_nursery_is_reported_as_is(monkeypatch):
+def test_on_pypy_chosen_settings_are_reported_as_is(monkeypatch):
+    messages = _logged(monkeypatch)
+    CollectorTuning(
+        gc=_pypy_gc("32.0MB"),
+        environ={"PYPY_GC_NURSERY": "32MB", "PYPY_GC_INCREMENT_STEP": "2MB"},
+    ).settle()
+    assert messages() == ["garbage collector: PyPy, nursery 32.0MB"]
+
+
+def test_on_pypy_a_large_default_nursery_is_not_advised_against(monkeypatch):
+    """PyPy sizes its nursery from the CPU's cache: where that gives more
+    than the recommended size, only the marking step is advised."""
+    messages = _logged(monkeypatch)
+    CollectorTuning(gc=_pypy_gc("130.0MB"), environ={}).settle()
+    assert messages() == [
+        "garbage collector: PyPy, nursery 130.0MB (its default); in the environment, "
+        "PYPY_GC_INCREMENT_STEP=2MB shortens its pauses (docs/performance.rst)"
+    ]
+
+
+@pytest.mark.parametrize(
+    "size, megabytes",
+    [("1.0MB", 1.0), ("130.0MB", 130.0), ("512.0kB", 0.5), ("1.5GB", 1536.0), ("what", 0.0)],
+)
+def test_pypy_sizes_are_read_in_megabytes(size, megabytes):
+    assert _megabytes(size) == megabytes
+
+
+def test_on_pypy_a_missing_setting_is_advised_alone(monkeypatch):
     messages = _logged(monkeypatch)
     CollectorTuning(gc=_pypy_gc("32.0MB"), environ={"PYPY_GC_NURSERY": "32MB"}).settle()
-    assert messages() == ["garbage collector: PyPy, nursery 32.0MB"]
+    assert messages() == [
+        "garbage collector: PyPy, nursery 32.0MB; in the environment, "
+        "PYPY_GC_INCREMENT_STEP=2MB shortens its pauses (docs/performance.rst)"
+    ]
 
 
 @pytest.mark.pypy_only
