@@ -39,9 +39,9 @@ B{PyPy} has a different, generational collector and none of these
 functions.  What sets its speed is the size of its nursery, where new
 objects are allocated: PyPy sizes it from the CPU's cache (1 MB on the
 benchmark's machine, 130 MB on a later one with a 260 MiB L3), and every
-request's objects that are still alive when it fills are copied out.  It is read once, when PyPy starts, from the
-environment variable C{PYPY_GC_NURSERY}; with
-C{PYPY_GC_NURSERY=}L{PYPY_NURSERY} the typical chain served 1.6 to 1.7
+request's objects that are still alive when it fills are copied out.
+It is read once, when PyPy starts, from the environment variable
+C{PYPY_GC_NURSERY}; with C{PYPY_GC_NURSERY=}L{PYPY_NURSERY} the typical chain served 1.6 to 1.7
 times the requests/s of the default, for about 160 MiB more memory.  Its
 major collections mark the heap in steps of several times the nursery:
 with a 32 MB nursery, all of it at once, a 47-63 ms pause every few
@@ -52,6 +52,32 @@ The systemd unit sets both; on PyPy, L{CollectorTuning.settle} logs the
 nursery size in use, and advises the step when it is unset and the
 nursery when it is unset and PyPy's default is smaller.
 
+B{glibc's malloc}, with which CPython allocates large strings, serves a
+block of at least its mmap threshold (128 KiB at first, raised on the fly
+to the size of such a block freed, up to 32 MiB) with pages mapped for it
+alone, and gives the top of its heap back to the system once more than its
+trim threshold is free there (128 KiB at first, twice a raised mmap
+threshold).  With 64 large responses in flight, the 256 KiB reads of their
+bodies (L{gateway.upstream.LARGE_READ}) kept crossing both: about 66 page
+faults per 1 MiB response, 46,000 a second, each zeroing a page the kernel
+then copied into.  Given a C{mallopt} (L{default_mallopt}: on CPython),
+L{CollectorTuning.start} sets the mmap threshold to
+L{MALLOC_MMAP_THRESHOLD} and the trim threshold to
+L{MALLOC_TRIM_THRESHOLD}: the blocks are then reused from the heap,
+without faults, for up to 32 MiB more resident memory per process (+9 MiB
+measured; docs/performance.rst, "Large bodies without page faults").  The
+thresholds are then fixed: a block of 4 to 32 MiB (a large request body
+read whole) is always mapped for itself, where glibc would have raised the
+threshold after the first.  Under PyPy, whose collector frees large
+strings only when it collects, the gateway faulted as often with these
+thresholds as without (20-32 faults per MiB relayed), so they are not set
+there.  A threshold the operator gave glibc in the environment
+(C{GLIBC_TUNABLES=glibc.malloc.mmap_threshold=...} or
+C{...trim_threshold=...}, C{MALLOC_MMAP_THRESHOLD_}, C{MALLOC_TRIM_THRESHOLD_})
+is kept, and C{TXGATEWAY_MALLOC_TUNING=off} leaves both to glibc.  (With
+another allocator preloaded, such as tcmalloc, glibc's C{mallopt} sets
+thresholds no allocation uses.)
+
 C{TXGATEWAY_GC_TUNING=off} in the environment turns all of this off.
 """
 
@@ -59,8 +85,9 @@ from __future__ import annotations
 
 import gc as _gc
 import os
+import platform
 import re
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -84,6 +111,74 @@ PYPY_NURSERY = "32MB"
 PYPY_INCREMENT_STEP = "2MB"
 
 
+#: Bytes from which glibc's malloc gives a block its own C{mmap} (its
+#: default is 128 KiB, raised as such blocks are freed, up to 32 MiB).
+MALLOC_MMAP_THRESHOLD = 4 * 1024 * 1024
+
+#: Free bytes at the top of glibc's heap above which it gives memory back
+#: to the system (its default is 128 KiB, or twice a raised mmap
+#: threshold): the resident memory a gateway process may keep unused after
+#: a burst of large responses.
+MALLOC_TRIM_THRESHOLD = 32 * 1024 * 1024
+
+#: C{mallopt} parameters, from glibc's C{malloc.h}.
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+
+#: Each threshold: its name in the log, its C{mallopt} parameter, the bytes
+#: the gateway sets, and how an operator sets it instead (its
+#: C{GLIBC_TUNABLES} name and its older environment variable).
+_THRESHOLDS = (
+    ("mmap", M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD, "glibc.malloc.mmap_threshold", "MALLOC_MMAP_THRESHOLD_"),
+    ("trim", M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD, "glibc.malloc.trim_threshold", "MALLOC_TRIM_THRESHOLD_"),
+)
+
+
+def glibc_mallopt() -> Optional[Callable[[int, int], int]]:
+    """
+    The C library's C{mallopt}, if this process runs on glibc.
+
+    @return: a callable C{(param: int, value: int) -> int} that answers 1
+        on success and 0 on failure (glibc's C{mallopt(3)}), or None when
+        the C library is not glibc (musl, macOS) or has no C{mallopt}.
+        Never raises.
+    """
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION"):
+            return None
+    except (ValueError, OSError, AttributeError):
+        return None  # not glibc: the name is glibc's
+    import ctypes  # (only here: PyPy never loads it)
+
+    try:
+        function = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int]
+    function.restype = ctypes.c_int
+    return function
+
+
+def default_mallopt() -> Optional[Callable[[int, int], int]]:
+    """
+    The C{mallopt} the gateway's L{CollectorTuning} is given: glibc's
+    (L{glibc_mallopt}) on CPython; None on PyPy, whose collector frees
+    large strings only when it collects, so that a PyPy gateway faulted as
+    often with the thresholds as without (see the module docstring).
+
+    @return: as L{glibc_mallopt}.
+    """
+    if platform.python_implementation() != "CPython":
+        return None
+    return glibc_mallopt()
+
+
+def _set_by_operator(environ: Mapping[str, str], tunable: str, variable: str) -> bool:
+    """Whether C{environ} sets glibc's C{tunable} or its old C{variable}."""
+    names = {item.partition("=")[0].strip() for item in environ.get("GLIBC_TUNABLES", "").split(":")}
+    return tunable in names or bool(environ.get(variable))
+
+
 def _megabytes(size: object) -> float:
     """
     A size as PyPy's C{gc.get_stats()} writes it (C{"1.0MB"}, C{"512.0kB"},
@@ -99,12 +194,13 @@ def _megabytes(size: object) -> float:
     return value * {"": 1 / 1024**2, "k": 1 / 1024, "K": 1 / 1024, "M": 1, "G": 1024}[match.group(2)]
 
 
-def tuning_enabled(environ: Mapping[str, str]) -> bool:
+def tuning_enabled(environ: Mapping[str, str], variable: str = "TXGATEWAY_GC_TUNING") -> bool:
     """
-    Whether C{environ} leaves the collector tuning on: it is, unless
-    C{TXGATEWAY_GC_TUNING} is C{off}, C{0}, C{no} or C{false}.
+    Whether C{environ} leaves a tuning on: it is, unless its C{variable}
+    (C{TXGATEWAY_GC_TUNING}: all of this module's; C{TXGATEWAY_MALLOC_TUNING}:
+    glibc's thresholds alone) is C{off}, C{0}, C{no} or C{false}.
     """
-    return environ.get("TXGATEWAY_GC_TUNING", "").strip().lower() not in (
+    return environ.get(variable, "").strip().lower() not in (
         "off",
         "0",
         "no",
@@ -114,9 +210,10 @@ def tuning_enabled(environ: Mapping[str, str]) -> bool:
 
 class CollectorTuning:
     """
-    Sets and freezes the collector of this process (see the module
-    docstring).  Only the process that serves (twistd's) should use one:
-    freezing and thresholds are process-wide.
+    Sets and freezes the collector of this process, and sets glibc's
+    malloc thresholds (see the module docstring).  Only the process that
+    serves (twistd's) should use one: freezing and thresholds are
+    process-wide.
 
     @param gc: the C{gc} module, or an object with its C{collect},
         C{freeze}, C{unfreeze}, C{get_freeze_count}, C{get_threshold} and
@@ -125,7 +222,11 @@ class CollectorTuning:
     @param gen0_threshold: the generation 0 threshold, in container
         allocations; it is never lowered.
     @param environ: the environment (C{os.environ} if None), read for
-        C{PYPY_GC_NURSERY}.
+        C{PYPY_GC_NURSERY}, C{PYPY_GC_INCREMENT_STEP} and glibc's malloc
+        settings.
+    @param mallopt: glibc's C{mallopt}, a callable C{(param: int, value:
+        int) -> int} (L{default_mallopt}), with which L{start} sets the
+        malloc thresholds; None leaves malloc as it is.
     """
 
     def __init__(
@@ -133,8 +234,10 @@ class CollectorTuning:
         gc: Any = _gc,
         gen0_threshold: int = GEN0_THRESHOLD,
         environ: Optional[Mapping[str, str]] = None,
+        mallopt: Optional[Callable[[int, int], int]] = None,
     ) -> None:
         self._gc = gc
+        self._mallopt = mallopt
         self.gen0_threshold = gen0_threshold
         self._environ = os.environ if environ is None else environ
         #: Whether this interpreter's collector has a permanent generation.
@@ -145,13 +248,56 @@ class CollectorTuning:
     def start(self) -> None:
         """
         Raise the generation 0 threshold to C{gen0_threshold} (the older
-        generations' thresholds are kept).
+        generations' thresholds are kept), and set glibc's malloc
+        thresholds (L{tune_malloc}).
         """
+        self.tune_malloc()
         if not self.supported:
             return
         gen0, gen1, gen2 = self._gc.get_threshold()
         if gen0 < self.gen0_threshold:
             self._gc.set_threshold(self.gen0_threshold, gen1, gen2)
+
+    def tune_malloc(self) -> bool:
+        """
+        Set glibc's mmap threshold to L{MALLOC_MMAP_THRESHOLD} and its trim
+        threshold to L{MALLOC_TRIM_THRESHOLD} bytes (see the module
+        docstring).  Nothing is done without a C{mallopt} or with
+        C{TXGATEWAY_MALLOC_TUNING=off} in the environment; a threshold the
+        environment sets (C{GLIBC_TUNABLES}, C{MALLOC_*_THRESHOLD_}) is
+        left to it.  Stops at the first threshold C{mallopt} refuses.
+        Never raises; what is done is logged.
+
+        @return: whether both thresholds were set.
+        """
+        if self._mallopt is None or not tuning_enabled(self._environ, "TXGATEWAY_MALLOC_TUNING"):
+            return False
+        done = 0
+        for name, param, value, tunable, variable in _THRESHOLDS:
+            if _set_by_operator(self._environ, tunable, variable):
+                _log.info("malloc: {name} threshold left as the environment sets it", name=name)
+                continue
+            try:
+                accepted = self._mallopt(param, value) == 1
+            except Exception:
+                _log.failure("malloc: setting its {name} threshold failed", name=name)
+                return False
+            if not accepted:
+                _log.warn(
+                    "malloc: mallopt refused a {name} threshold of {value} bytes; "
+                    "large bodies may cost page faults",
+                    name=name,
+                    value=value,
+                )
+                return False
+            done += 1
+        if done == len(_THRESHOLDS):
+            _log.info(
+                "malloc: blocks under {mmap} MiB come from the heap, trimmed above {trim} MiB free",
+                mmap=MALLOC_MMAP_THRESHOLD // 2**20,
+                trim=MALLOC_TRIM_THRESHOLD // 2**20,
+            )
+        return done == len(_THRESHOLDS)
 
     def settle(self) -> int:
         """

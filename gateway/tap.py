@@ -22,7 +22,7 @@ then backend pools close; twistd exits 0. Under systemd (C{Type=notify})
 C{READY=1} is sent once the listeners listen and the reactor runs (its
 C{SIGTERM} handler installed), and C{STOPPING=1} when the stop begins
 (L{gateway.sdnotify}). Then the garbage collector is settled
-(L{gateway.heap}).
+(L{gateway.heap}), whose malloc thresholds are set as the service starts.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from gateway.config import Config, ConfigError, load_config
-from gateway.heap import CollectorTuning, tuning_enabled
+from gateway.heap import CollectorTuning, default_mallopt, tuning_enabled
 from gateway.reactor import install_unless_chosen
 
 _log = Logger()
@@ -324,8 +324,8 @@ def makeService(
     Build the service tree from parsed options.
 
     @param reactor: the reactor to run on; the global one if None.
-    @param collector: the tuning of this process's garbage collector
-        (L{gateway.heap}); if None, a new one when C{reactor} is None too
+    @param collector: the tuning of this process's garbage collector and
+        malloc (L{gateway.heap}); if None, a new one when C{reactor} is None too
         (twistd's call) unless C{TXGATEWAY_GC_TUNING=off}, else none (a
         test's call, in a process it shares).
     @raise ValueError: an endpoint string cannot be parsed.
@@ -340,7 +340,7 @@ def makeService(
     if reactor is None:
         reactor = _reactor()
         if collector is None and tuning_enabled(os.environ):
-            collector = CollectorTuning()
+            collector = CollectorTuning(mallopt=default_mallopt())
     config: Config = getattr(options, "config", None) or load_config(options["config"])
     gateway = Gateway(reactor, config)
     worker_fd = options.get("worker-fd")

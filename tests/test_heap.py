@@ -4,7 +4,9 @@ C{gc} module of this process (thawed and restored after each test), and how
 the service tree and the config watcher use it.
 """
 
+import ctypes
 import gc
+import os
 import weakref
 from types import SimpleNamespace
 
@@ -14,7 +16,18 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 
 from gateway.config import parse_config
-from gateway.heap import GEN0_THRESHOLD, CollectorTuning, _megabytes, tuning_enabled
+from gateway.heap import (
+    GEN0_THRESHOLD,
+    M_MMAP_THRESHOLD,
+    M_TRIM_THRESHOLD,
+    MALLOC_MMAP_THRESHOLD,
+    MALLOC_TRIM_THRESHOLD,
+    CollectorTuning,
+    _megabytes,
+    default_mallopt,
+    glibc_mallopt,
+    tuning_enabled,
+)
 from gateway.reload import ConfigWatcher
 from gateway.state import Gateway
 from gateway.tap import GatewayService
@@ -314,3 +327,173 @@ def test_make_service_hands_the_collector_to_the_service_and_the_watcher(tmp_pat
     assert root.getServiceNamed("config-watcher")._collector is collector
     # a caller that brings its own reactor (a test) gets no tuning unasked
     assert makeService(options, MemoryReactorClock()).collector is None
+
+
+# --- glibc's malloc ------------------------------------------------------------
+
+
+class _Mallopt:
+    """A C{mallopt} that records its calls and answers C{result}."""
+
+    def __init__(self, result=1):
+        self.calls = []
+        self.result = result
+
+    def __call__(self, param, value):
+        self.calls.append((param, value))
+        if isinstance(self.result, Exception):
+            raise self.result
+        return self.result
+
+
+def test_start_sets_the_malloc_thresholds(monkeypatch):
+    messages = _logged(monkeypatch)
+    mallopt = _Mallopt()
+    # (PyPy's gc: the malloc thresholds do not depend on the collector)
+    tuning = CollectorTuning(gc=_pypy_gc(), environ={}, mallopt=mallopt)
+    tuning.start()
+    assert mallopt.calls == [
+        (M_MMAP_THRESHOLD, 4 * 1024 * 1024),
+        (M_TRIM_THRESHOLD, 32 * 1024 * 1024),
+    ]
+    assert messages() == ["malloc: blocks under 4 MiB come from the heap, trimmed above 32 MiB free"]
+
+
+MMAP = (M_MMAP_THRESHOLD, 4 * 1024 * 1024)
+TRIM = (M_TRIM_THRESHOLD, 32 * 1024 * 1024)
+
+
+@pytest.mark.parametrize(
+    "environ, kept, calls",
+    [
+        ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1048576"}, "mmap", [TRIM]),
+        ({"GLIBC_TUNABLES": "glibc.pthread.rseq=0:glibc.malloc.trim_threshold=0"}, "trim", [MMAP]),
+        ({"MALLOC_MMAP_THRESHOLD_": "131072"}, "mmap", [TRIM]),
+        ({"MALLOC_TRIM_THRESHOLD_": "0"}, "trim", [MMAP]),
+    ],
+)
+def test_a_threshold_the_environment_sets_is_kept(monkeypatch, environ, kept, calls):
+    messages = _logged(monkeypatch)
+    mallopt = _Mallopt()
+    assert not CollectorTuning(gc=_pypy_gc(), environ=environ, mallopt=mallopt).tune_malloc()
+    assert mallopt.calls == calls
+    assert messages() == [f"malloc: {kept} threshold left as the environment sets it"]
+
+
+def test_both_thresholds_from_the_environment_leave_malloc_alone():
+    mallopt = _Mallopt()
+    environ = {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0", "MALLOC_MMAP_THRESHOLD_": "1"}
+    assert not CollectorTuning(gc=_pypy_gc(), environ=environ, mallopt=mallopt).tune_malloc()
+    assert mallopt.calls == []
+
+
+def test_other_malloc_settings_do_not_stop_the_thresholds():
+    mallopt = _Mallopt()
+    environ = {
+        "GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.tcache_count=0",
+        "MALLOC_ARENA_MAX": "2",
+    }
+    assert CollectorTuning(gc=_pypy_gc(), environ=environ, mallopt=mallopt).tune_malloc()
+    assert mallopt.calls == [MMAP, TRIM]
+
+
+@pytest.mark.parametrize("value", ["off", "0", "no", "false", " OFF "])
+def test_malloc_tuning_can_be_turned_off_alone(monkeypatch, value):
+    messages = _logged(monkeypatch)
+    mallopt = _Mallopt()
+    environ = {"TXGATEWAY_MALLOC_TUNING": value}
+    assert not CollectorTuning(gc=_pypy_gc(), environ=environ, mallopt=mallopt).tune_malloc()
+    assert mallopt.calls == [] and messages() == []
+
+
+def test_a_refused_threshold_stops_the_tuning(monkeypatch):
+    messages = _logged(monkeypatch)
+    mallopt = _Mallopt(0)
+    assert not CollectorTuning(gc=_pypy_gc(), environ={}, mallopt=mallopt).tune_malloc()
+    assert mallopt.calls == [MMAP]  # the trim threshold is not set after a refusal
+    assert messages() == [
+        "malloc: mallopt refused a mmap threshold of 4194304 bytes; large bodies may cost page faults"
+    ]
+
+
+def test_a_failing_mallopt_is_logged_and_never_raises(monkeypatch):
+    messages = _logged(monkeypatch)
+    failing = _Mallopt(OSError("no"))
+    assert not CollectorTuning(gc=_pypy_gc(), environ={}, mallopt=failing).tune_malloc()
+    assert messages()[-1].startswith("malloc: setting its mmap threshold failed")
+
+
+def test_without_mallopt_malloc_is_left_alone(monkeypatch):
+    messages = _logged(monkeypatch)
+    assert not CollectorTuning(gc=_pypy_gc(), environ={}).tune_malloc()
+    assert messages() == []
+
+
+_GLIBC = hasattr(os, "confstr") and bool(os.confstr("CS_GNU_LIBC_VERSION"))
+
+
+class _MallInfo2(ctypes.Structure):
+    # glibc's struct mallinfo2 (malloc.h, glibc 2.33+): ten size_t fields.
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
+    ]
+
+
+@pytest.mark.skipif(not _GLIBC, reason="glibc's mallopt")
+def test_glibc_mallopt_moves_the_real_mmap_threshold():
+    """
+    glibc's mallopt answers 1 even for parameters it does not know, so the
+    constants are checked by their effect: a 1 MiB block is mapped for
+    itself under a 128 KiB threshold and comes from the heap under 4 MiB.
+    (This process is a test run: the gateway's values are harmless here.)
+    """
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "mallinfo2"):
+        pytest.skip("glibc older than 2.33: no mallinfo2")
+    libc.mallinfo2.restype = _MallInfo2
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    mallopt = glibc_mallopt()
+    assert mallopt is not None
+
+    def mapped_by(size):
+        before = libc.mallinfo2().hblkhd
+        block = libc.malloc(size)
+        try:
+            return libc.mallinfo2().hblkhd - before
+        finally:
+            libc.free(block)
+
+    assert mallopt(M_MMAP_THRESHOLD, 128 * 1024) == 1
+    assert mapped_by(1 << 20) >= 1 << 20
+    assert mallopt(M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD) == 1
+    assert mapped_by(1 << 20) == 0
+    assert mallopt(M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD) == 1
+
+
+def test_glibc_mallopt_is_none_without_glibc(monkeypatch):
+    def no_such_name(name):
+        raise ValueError("unrecognized configuration name")
+
+    monkeypatch.setattr(os, "confstr", no_such_name)
+    assert glibc_mallopt() is None
+    monkeypatch.setattr(os, "confstr", lambda name: None)
+    assert glibc_mallopt() is None
+
+
+@pytest.mark.parametrize("implementation", ["PyPy", "GraalVM"])
+def test_only_cpython_gets_mallopt_by_default(monkeypatch, implementation):
+    import platform
+
+    monkeypatch.setattr(platform, "python_implementation", lambda: implementation)
+    assert default_mallopt() is None
+
+
+@pytest.mark.skipif(not _GLIBC, reason="glibc's mallopt")
+def test_cpython_gets_glibc_mallopt_by_default(monkeypatch):
+    import platform
+
+    monkeypatch.setattr(platform, "python_implementation", lambda: "CPython")
+    assert default_mallopt() is not None

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from tests.harness import Gateway, get, wait_for
+from tests.harness import ON_PYPY, Gateway, get, wait_for
 
 
 def _two_services(backends, routes: str, extra: str = "") -> str:
@@ -506,6 +506,17 @@ def test_workers_share_the_socket_and_merge_metrics(backends):
         assert {re.search(r'backend="([^"]+)"', k).group(1) for k in healthy} == urls, metrics
         assert all(v == 1.0 for v in healthy.values()), healthy
         assert _metric(metrics, "gateway_circuit_state") and _metric(metrics, "gateway_active_connections")
+        # Each process sets glibc's malloc thresholds (gateway.heap), on
+        # CPython with glibc, unless this environment sets them itself.
+        tuned = (
+            not ON_PYPY
+            and hasattr(os, "confstr")
+            and bool(os.confstr("CS_GNU_LIBC_VERSION"))
+            and "glibc.malloc." not in os.environ.get("GLIBC_TUNABLES", "")
+            and not any(os.environ.get(v) for v in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"))
+            and os.environ.get("TXGATEWAY_MALLOC_TUNING", "") == ""
+        )
+        assert gw.log().count("malloc: blocks under 4 MiB come from the heap") == (3 if tuned else 0)
     finally:
         assert gw.stop() == 0, gw.log()
     for pid in pids:
