@@ -7,7 +7,8 @@ port). It answers every path with a JSON echo of the request, except:
 
   - C{/status/NNN}: answers with status NNN.
   - C{/slow?delay=S}: answers after S seconds.
-  - C{/large?bytes=N}: streams N bytes (a fixed pattern) with Content-Length.
+  - C{/large?bytes=N}: streams N bytes (a fixed pattern) with Content-Length;
+    with C{cut=M}, closes the connection after the first M of them.
   - C{/chunked?bytes=N}: the same, chunked (no Content-Length).
   - C{/cookies}: sets three cookies (three C{Set-Cookie} fields).
   - C{/hopbyhop}: sends hop-by-hop fields that a proxy must drop.
@@ -38,6 +39,7 @@ import argparse
 import hashlib
 import json
 import sys
+from typing import Optional
 
 from twisted.internet.interfaces import IPullProducer
 from twisted.web import http, server
@@ -55,17 +57,26 @@ def pattern_bytes(n: int) -> bytes:
 
 @implementer(IPullProducer)
 class _PatternProducer:
-    def __init__(self, request: server.Request, remaining: int) -> None:
+    def __init__(self, request: server.Request, remaining: int, cut: Optional[int] = None) -> None:
         self.request = request
         self.remaining = remaining
+        #: body bytes after which the connection is closed (None: never)
+        self.cut = cut
 
     def resumeProducing(self) -> None:
+        if self.cut is not None and self.cut <= 0:
+            self.remaining = 0
+            self.request.unregisterProducer()
+            self.request.channel.transport.loseConnection()
+            return
         if self.remaining <= 0:
             self.request.unregisterProducer()
             self.request.finish()
             return
-        chunk = PATTERN[: min(len(PATTERN), self.remaining)]
+        chunk = PATTERN[: min(len(PATTERN), self.remaining, len(PATTERN) if self.cut is None else self.cut)]
         self.remaining -= len(chunk)
+        if self.cut is not None:
+            self.cut -= len(chunk)
         self.request.write(chunk)
 
     def stopProducing(self) -> None:
@@ -119,7 +130,8 @@ class Echo(Resource):
                 request.setHeader(b"Content-Length", b"%d" % n)
             if request.method == b"HEAD":
                 return b""
-            request.registerProducer(_PatternProducer(request, n), False)
+            cut = request.args.get(b"cut")
+            request.registerProducer(_PatternProducer(request, n, int(cut[0]) if cut else None), False)
             return server.NOT_DONE_YET
         if path == b"/cookies":
             for i in range(3):

@@ -25,7 +25,7 @@ from bisect import bisect_left
 from typing import Iterable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from gateway import __version__
 from gateway.breaker import STATE_VALUES
@@ -136,6 +136,28 @@ class _BackendCollector:
         return list(families)
 
 
+class _SpliceCollector:
+    """Responses and bytes moved by splice(2) (L{gateway.splice}) in this process."""
+
+    def describe(self):
+        return self.collect()
+
+    def collect(self):
+        from gateway import splice
+
+        responses = CounterMetricFamily(
+            "gateway_spliced_responses",
+            "Response bodies whose rest went from backend to client socket by splice(2).",
+        )
+        responses.add_metric([], splice.totals["responses"])
+        sent = CounterMetricFamily(
+            "gateway_spliced_bytes",
+            "Response body bytes moved from backend to client socket by splice(2).",
+        )
+        sent.add_metric([], splice.totals["bytes"])
+        return [responses, sent]
+
+
 class _RouteChildren:
     """The labelled children of one (route, service) pair."""
 
@@ -199,6 +221,7 @@ class GatewayMetrics:
         self.config_reloads.labels("ok")
         self.config_reloads.labels("failed")
         registry.register(_BackendCollector(gateway))
+        registry.register(_SpliceCollector())
         self._request_children: dict = {}
         self._route_children: dict = {}
         self._upstream_children: dict = {}

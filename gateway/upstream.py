@@ -49,6 +49,8 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
+from gateway import splice as _splice
+
 #: Response fields Twisted's client files apart from C{Response.headers}
 #: (L{twisted.web._newclient.HTTPParser.CONNECTION_CONTROL_HEADERS}).
 CONNECTION_CONTROL = frozenset(
@@ -190,8 +192,21 @@ class UpstreamResponse:
 
     def resumeProducing(self) -> None:
         self._paused = False
-        if self._connection is not None and self._protocol is not None:
-            self._connection.transport.resumeProducing()
+        connection = self._connection
+        if connection is not None and self._protocol is not None:
+            left = connection._body_left
+            if (
+                left is not None
+                and left >= _splice.SPLICE_MIN
+                and connection._splice is None
+                and _splice.ENABLED
+            ):
+                # The client took everything written so far: the rest of a
+                # large body may go straight from socket to socket.
+                connection._splice = _splice.BodySplice.start(connection, self._protocol)
+                if connection._splice is not None:
+                    return
+            connection.transport.resumeProducing()
 
     def stopProducing(self) -> None:
         """Stop reading the body: the connection is aborted."""
@@ -218,6 +233,8 @@ class UpstreamProtocol(Protocol):
         self._received = False
         self._complete = False
         self._keep_alive = False
+        #: the L{gateway.splice.BodySplice} moving this response's body, if any
+        self._splice = None
         # The head being parsed: the read fed to the parser; the earlier
         # reads that hold the start of a head not yet complete; held + read,
         # joined once a head ends in this read; and where the next head
@@ -309,7 +326,21 @@ class UpstreamProtocol(Protocol):
         """Drop the connection now; it is never reused."""
         self._aborted = True
         self._keep_alive = False
+        if self._splice is not None:
+            self._splice.cancel()
         self.transport.abortConnection()
+
+    def _response_paused(self) -> bool:
+        """Whether the body's reader paused the response (or there is none)."""
+        return self._response is None or self._response._paused
+
+    def _spliced_body_complete(self) -> None:
+        """The rest of the body went through a L{gateway.splice.BodySplice}."""
+        self._body_left = None
+        if self._read_size is not None:
+            self.transport.bufferSize = self._read_size
+        self._message_complete()
+        self._after_data()
 
     # -- httptools callbacks
 
@@ -548,6 +579,8 @@ class UpstreamProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:
         self.connected_ = False
+        if self._splice is not None:
+            self._splice.cancel()
         self._pool._lost(self)
         response, self._response = self._response, None
         if response is not None:

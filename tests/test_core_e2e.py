@@ -16,7 +16,7 @@ from collections import Counter
 import pytest
 import pytest_twisted
 
-from gateway.demo_backend import PATTERN
+from gateway.demo_backend import PATTERN, pattern_bytes
 from tests.harness import Gateway, closed_port, get, request, rss_bound_mib, rss_kib, wait_for
 
 
@@ -382,9 +382,15 @@ def test_large_bodies_are_read_without_page_faults(gateway, backends):
     test was written).
     """
     assert "malloc: blocks under 4 MiB come from the heap" in gateway.log()
-    tuned = _faults_per_mib(gateway)
-    # Only the malloc thresholds differ: the collector is tuned in both.
-    untuned_gw = Gateway(config(backends), env_extra={"TXGATEWAY_MALLOC_TUNING": "off"})
+    # Bodies read into the process, not spliced (gateway.splice), in both;
+    # only the malloc thresholds differ: the collector is tuned in both.
+    relayed = {"TXGATEWAY_SPLICE": "off"}
+    tuned_gw = Gateway(config(backends), env_extra=relayed)
+    try:
+        tuned = _faults_per_mib(tuned_gw)
+    finally:
+        tuned_gw.stop()
+    untuned_gw = Gateway(config(backends), env_extra={**relayed, "TXGATEWAY_MALLOC_TUNING": "off"})
     try:
         assert "malloc:" not in untuned_gw.log()
         assert "objects frozen" in untuned_gw.log() or wait_for(
@@ -395,6 +401,123 @@ def test_large_bodies_are_read_without_page_faults(gateway, backends):
         untuned_gw.stop()
     print(f"page faults per MiB: tuned {tuned:.1f}, untuned {untuned:.1f}")
     assert tuned < 4 and untuned > 4 * tuned + 16, (tuned, untuned)
+
+
+# --- gateway.splice -----------------------------------------------------------
+
+SPLICES = hasattr(os, "splice")  # Python 3.10+ on Linux (not PyPy 3.9)
+
+
+def _metric_value(gw, name: str) -> float:
+    for line in get(gw.admin_port, "/metrics").body.decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"no {name} in /metrics")
+
+
+def _read_response(f) -> tuple:
+    """(head, body) of one response with a Content-Length from file C{f}."""
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        byte = f.read(1)
+        assert byte, f"the connection closed in the head: {head!r}"
+        head += byte
+    length = int(re.search(rb"Content-Length: (\d+)", head).group(1))
+    body = f.read(length)
+    return head, body
+
+
+@pytest.mark.skipif(not SPLICES, reason="os.splice (Linux, Python 3.10+)")
+def test_large_bodies_are_spliced_whole_on_a_kept_alive_connection(gateway):
+    """
+    gateway.splice: bodies of several sizes, one after another on one client
+    connection (and so on pooled backend connections), arrive whole, the
+    large ones spliced; a small request after them is answered as usual.
+    """
+    responses = _metric_value(gateway, "gateway_spliced_responses_total")
+    sent = _metric_value(gateway, "gateway_spliced_bytes_total")
+    sizes = [300_000, 1 << 20, 3 * (1 << 20) + 7, 70_000, 5_000_000]
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as s:
+        f = s.makefile("rb")
+        for size in sizes:
+            s.sendall(b"GET /one/large?bytes=%d HTTP/1.1\r\nHost: x\r\n\r\n" % size)
+            head, body = _read_response(f)
+            assert head.startswith(b"HTTP/1.1 200")
+            assert len(body) == size and body == pattern_bytes(size), size
+        s.sendall(b"GET /one/small HTTP/1.1\r\nHost: x\r\n\r\n")
+        head, body = _read_response(f)
+        assert head.startswith(b"HTTP/1.1 200") and json.loads(body)["uri"] == "/small"
+    assert _metric_value(gateway, "gateway_spliced_responses_total") >= responses + 3
+    assert _metric_value(gateway, "gateway_spliced_bytes_total") >= sent + 5_000_000
+    assert "Traceback" not in gateway.log()
+
+
+@pytest.mark.skipif(not SPLICES, reason="os.splice (Linux, Python 3.10+)")
+def test_a_client_gone_mid_splice_leaves_the_gateway_whole(gateway):
+    """
+    A client that closes its connection in the middle of a spliced body:
+    the backend connection, whose body was not read, is dropped (not
+    pooled), and the next large responses on the same route are whole.
+    """
+    for _ in range(3):
+        s = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
+        s.sendall(b"GET /one/large?bytes=%d HTTP/1.1\r\nHost: x\r\n\r\n" % (64 << 20))
+        got = 0
+        while got < 2 << 20:
+            data = s.recv(1 << 16)
+            assert data
+            got += len(data)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        s.close()  # with a reset
+    for size in (1 << 20, 2 << 20):
+        r = get(gateway.port, f"/one/large?bytes={size}")
+        assert r.status == 200 and r.body == pattern_bytes(size)
+    assert "Traceback" not in gateway.log()
+
+
+@pytest.mark.skipif(not SPLICES, reason="os.splice (Linux, Python 3.10+)")
+def test_a_backend_gone_mid_splice_cuts_the_client_response(gateway):
+    """
+    A backend that closes its connection in the middle of a spliced body:
+    the client gets fewer bytes than its Content-Length and a dropped
+    connection (no way to say more once the head is out), and the gateway
+    goes on serving.
+    """
+    size, cut = 4 << 20, 1 << 20
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as s:
+        s.sendall(b"GET /one/large?bytes=%d&cut=%d HTTP/1.1\r\nHost: x\r\n\r\n" % (size, cut))
+        f = s.makefile("rb")
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            byte = f.read(1)
+            assert byte
+            head += byte
+        assert head.startswith(b"HTTP/1.1 200") and b"Content-Length: %d" % size in head
+        body = b""
+        while True:
+            try:
+                data = f.read1(1 << 16)
+            except ConnectionResetError:
+                break  # the gateway drops the connection (a reset)
+            if not data:
+                break
+            body += data
+    # (a reset may discard bytes the client had not read yet)
+    assert len(body) < size and body == pattern_bytes(len(body))
+    r = get(gateway.port, f"/one/large?bytes={size}")
+    assert r.status == 200 and r.body == pattern_bytes(size)
+    assert "Traceback" not in gateway.log()
+
+
+@pytest.mark.skipif(not SPLICES, reason="os.splice (Linux, Python 3.10+)")
+def test_splice_can_be_turned_off(backends):
+    gw = Gateway(config(backends), env_extra={"TXGATEWAY_SPLICE": "off"})
+    try:
+        r = get(gw.port, f"/one/large?bytes={3 << 20}")
+        assert r.status == 200 and r.body == pattern_bytes(3 << 20)
+        assert _metric_value(gw, "gateway_spliced_responses_total") == 0
+    finally:
+        assert gw.stop() == 0
 
 
 @pytest_twisted.inlineCallbacks
