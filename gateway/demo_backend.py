@@ -8,7 +8,9 @@ port). It answers every path with a JSON echo of the request, except:
   - C{/status/NNN}: answers with status NNN.
   - C{/slow?delay=S}: answers after S seconds.
   - C{/large?bytes=N}: streams N bytes (a fixed pattern) with Content-Length;
-    with C{cut=M}, closes the connection after the first M of them.
+    with C{cut=M}, closes the connection after the first M of them; with
+    C{chunk=C}, writes C bytes at a time with C{TCP_NODELAY} (small TCP
+    segments).
   - C{/chunked?bytes=N}: the same, chunked (no Content-Length).
   - C{/cookies}: sets three cookies (three C{Set-Cookie} fields).
   - C{/hopbyhop}: sends hop-by-hop fields that a proxy must drop.
@@ -57,11 +59,16 @@ def pattern_bytes(n: int) -> bytes:
 
 @implementer(IPullProducer)
 class _PatternProducer:
-    def __init__(self, request: server.Request, remaining: int, cut: Optional[int] = None) -> None:
+    def __init__(
+        self, request: server.Request, remaining: int, cut: Optional[int] = None, chunk: int = len(PATTERN)
+    ) -> None:
         self.request = request
         self.remaining = remaining
         #: body bytes after which the connection is closed (None: never)
         self.cut = cut
+        #: bytes per write
+        self.chunk = chunk
+        self.offset = 0
 
     def resumeProducing(self) -> None:
         if self.cut is not None and self.cut <= 0:
@@ -73,7 +80,11 @@ class _PatternProducer:
             self.request.unregisterProducer()
             self.request.finish()
             return
-        chunk = PATTERN[: min(len(PATTERN), self.remaining, len(PATTERN) if self.cut is None else self.cut)]
+        size = min(self.chunk, self.remaining, len(PATTERN) - self.offset)
+        if self.cut is not None:
+            size = min(size, self.cut)
+        chunk = PATTERN[self.offset : self.offset + size]
+        self.offset = (self.offset + size) % len(PATTERN)
         self.remaining -= len(chunk)
         if self.cut is not None:
             self.cut -= len(chunk)
@@ -131,7 +142,12 @@ class Echo(Resource):
             if request.method == b"HEAD":
                 return b""
             cut = request.args.get(b"cut")
-            request.registerProducer(_PatternProducer(request, n, int(cut[0]) if cut else None), False)
+            chunk = int(request.args.get(b"chunk", [b"%d" % len(PATTERN)])[0])
+            if chunk < len(PATTERN):
+                # small writes as small TCP segments, not coalesced
+                request.channel.transport.setTcpNoDelay(True)
+            producer = _PatternProducer(request, n, int(cut[0]) if cut else None, max(1, chunk))
+            request.registerProducer(producer, False)
             return server.NOT_DONE_YET
         if path == b"/cookies":
             for i in range(3):

@@ -25,9 +25,9 @@ from bisect import bisect_left
 from typing import Iterable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily
 
-from gateway import __version__
+from gateway import __version__, splice
 from gateway.breaker import STATE_VALUES
 
 #: Histogram buckets in seconds, for a proxy: 1 ms to 30 s.
@@ -136,28 +136,6 @@ class _BackendCollector:
         return list(families)
 
 
-class _SpliceCollector:
-    """Responses and bytes moved by splice(2) (L{gateway.splice}) in this process."""
-
-    def describe(self):
-        return self.collect()
-
-    def collect(self):
-        from gateway import splice
-
-        responses = CounterMetricFamily(
-            "gateway_spliced_responses",
-            "Response bodies whose rest went from backend to client socket by splice(2).",
-        )
-        responses.add_metric([], splice.totals["responses"])
-        sent = CounterMetricFamily(
-            "gateway_spliced_bytes",
-            "Response body bytes moved from backend to client socket by splice(2).",
-        )
-        sent.add_metric([], splice.totals["bytes"])
-        return [responses, sent]
-
-
 class _RouteChildren:
     """The labelled children of one (route, service) pair."""
 
@@ -221,7 +199,17 @@ class GatewayMetrics:
         self.config_reloads.labels("ok")
         self.config_reloads.labels("failed")
         registry.register(_BackendCollector(gateway))
-        registry.register(_SpliceCollector())
+        self.spliced_responses = Counter(
+            "gateway_spliced_responses",
+            "Response bodies whose rest went from backend to client socket by splice(2).",
+            registry=registry,
+        )
+        self.spliced_bytes = Counter(
+            "gateway_spliced_bytes",
+            "Response body bytes moved from backend to client socket by splice(2).",
+            registry=registry,
+        )
+        splice.report_to(self.spliced_responses, self.spliced_bytes)
         self._request_children: dict = {}
         self._route_children: dict = {}
         self._upstream_children: dict = {}

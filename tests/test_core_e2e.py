@@ -447,8 +447,17 @@ def test_large_bodies_are_spliced_whole_on_a_kept_alive_connection(gateway):
         s.sendall(b"GET /one/small HTTP/1.1\r\nHost: x\r\n\r\n")
         head, body = _read_response(f)
         assert head.startswith(b"HTTP/1.1 200") and json.loads(body)["uri"] == "/small"
-    assert _metric_value(gateway, "gateway_spliced_responses_total") >= responses + 3
-    assert _metric_value(gateway, "gateway_spliced_bytes_total") >= sent + 5_000_000
+        # pipelined: the second request arrives while the first body is spliced
+        s.sendall(
+            b"GET /one/large?bytes=%d HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /one/after HTTP/1.1\r\nHost: x\r\n\r\n" % (2 << 20)
+        )
+        head, body = _read_response(f)
+        assert head.startswith(b"HTTP/1.1 200") and body == pattern_bytes(2 << 20)
+        head, body = _read_response(f)
+        assert head.startswith(b"HTTP/1.1 200") and json.loads(body)["uri"] == "/after"
+    assert _metric_value(gateway, "gateway_spliced_responses_total") >= responses + 4
+    assert _metric_value(gateway, "gateway_spliced_bytes_total") >= sent + 5_000_000 + (1 << 20)
     assert "Traceback" not in gateway.log()
 
 
@@ -459,6 +468,8 @@ def test_a_client_gone_mid_splice_leaves_the_gateway_whole(gateway):
     the backend connection, whose body was not read, is dropped (not
     pooled), and the next large responses on the same route are whole.
     """
+    spliced = _metric_value(gateway, "gateway_spliced_responses_total")
+    pipes = _pipes(gateway.pid)
     for _ in range(3):
         s = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
         s.sendall(b"GET /one/large?bytes=%d HTTP/1.1\r\nHost: x\r\n\r\n" % (64 << 20))
@@ -472,7 +483,65 @@ def test_a_client_gone_mid_splice_leaves_the_gateway_whole(gateway):
     for size in (1 << 20, 2 << 20):
         r = get(gateway.port, f"/one/large?bytes={size}")
         assert r.status == 200 and r.body == pattern_bytes(size)
+    assert _metric_value(gateway, "gateway_spliced_responses_total") >= spliced + 5
+    # every splice's pipe closed
+    wait_for(lambda: _pipes(gateway.pid) == pipes, timeout=5, what="the pipes to close")
     assert "Traceback" not in gateway.log()
+
+
+def _pipes(pid: int) -> int:
+    """How many pipe ends process C{pid} has open."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("pipe:")
+        except OSError:
+            pass  # closed meanwhile
+    return count
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of process C{pid} so far (proc(5))."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not SPLICES, reason="os.splice (Linux, Python 3.10+)")
+@pytest.mark.parametrize("chunk", [64 * 1024, 1024])
+def test_a_slow_client_of_a_spliced_body_costs_no_cpu_while_it_waits(gateway, chunk):
+    """
+    A client that reads a spliced body slowly: the pipe fills and the
+    gateway waits for the client (it neither spins on the readable backend
+    socket nor buffers), and the body arrives whole.  With a backend that
+    sends 1 KiB segments the pipe is full of segments long before its
+    bytes reach its capacity.
+    """
+    spliced = _metric_value(gateway, "gateway_spliced_responses_total")
+    size = 6 << 20
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        s.sendall(b"GET /one/large?bytes=%d&chunk=%d HTTP/1.1\r\nHost: x\r\n\r\n" % (size, chunk))
+        f = s.makefile("rb")
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            byte = f.read(1)
+            assert byte
+            head += byte
+        cpu, started = _cpu_seconds(gateway.pid), time.monotonic()
+        body = []
+        got = 0
+        while got < size:
+            data = f.read1(256 * 1024)
+            assert data, "the response ended early"
+            body.append(data)
+            got += len(data)
+            time.sleep(0.01)  # a slow reader (this is the client's pace, not a wait)
+        wall = time.monotonic() - started
+        used = _cpu_seconds(gateway.pid) - cpu
+    assert b"".join(body) == pattern_bytes(size)
+    assert _metric_value(gateway, "gateway_spliced_responses_total") >= spliced + 1
+    assert wall > 0.5 and used < 0.25 * wall, (used, wall)
 
 
 @pytest.mark.skipif(not SPLICES, reason="os.splice (Linux, Python 3.10+)")
@@ -484,6 +553,7 @@ def test_a_backend_gone_mid_splice_cuts_the_client_response(gateway):
     goes on serving.
     """
     size, cut = 4 << 20, 1 << 20
+    spliced = _metric_value(gateway, "gateway_spliced_responses_total")
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as s:
         s.sendall(b"GET /one/large?bytes=%d&cut=%d HTTP/1.1\r\nHost: x\r\n\r\n" % (size, cut))
         f = s.makefile("rb")
@@ -504,6 +574,7 @@ def test_a_backend_gone_mid_splice_cuts_the_client_response(gateway):
             body += data
     # (a reset may discard bytes the client had not read yet)
     assert len(body) < size and body == pattern_bytes(len(body))
+    assert _metric_value(gateway, "gateway_spliced_responses_total") >= spliced + 1
     r = get(gateway.port, f"/one/large?bytes={size}")
     assert r.status == 200 and r.body == pattern_bytes(size)
     assert "Traceback" not in gateway.log()
