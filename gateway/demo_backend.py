@@ -9,8 +9,7 @@ port). It answers every path with a JSON echo of the request, except:
   - C{/slow?delay=S}: answers after S seconds.
   - C{/large?bytes=N}: streams N bytes (a fixed pattern) with Content-Length;
     with C{cut=M}, closes the connection after the first M of them; with
-    C{chunk=C}, writes C bytes at a time with C{TCP_NODELAY} (small TCP
-    segments).
+    C{chunk=C}, writes C bytes at a time (64 KiB by default).
   - C{/chunked?bytes=N}: the same, chunked (no Content-Length).
   - C{/cookies}: sets three cookies (three C{Set-Cookie} fields).
   - C{/hopbyhop}: sends hop-by-hop fields that a proxy must drop.
@@ -143,9 +142,6 @@ class Echo(Resource):
                 return b""
             cut = request.args.get(b"cut")
             chunk = int(request.args.get(b"chunk", [b"%d" % len(PATTERN)])[0])
-            if chunk < len(PATTERN):
-                # small writes as small TCP segments, not coalesced
-                request.channel.transport.setTcpNoDelay(True)
             producer = _PatternProducer(request, n, int(cut[0]) if cut else None, max(1, chunk))
             request.registerProducer(producer, False)
             return server.NOT_DONE_YET

@@ -50,10 +50,11 @@ SPLICE_MIN = 64 * 1024
 #: The capacity asked for each response's pipe, in bytes: 1 MiB served
 #: 10-20% more 1 MiB responses/s than 256 KiB (paired runs).  Linux lets
 #: an unprivileged user's pipes hold 64 MiB in all (the sysctl
-#: C{fs.pipe-user-pages-soft}, 16,384 pages) before it refuses to grow them
-#: and makes new ones 8 KiB, so 64 bodies per user are spliced at once and
-#: the ones beyond are relayed (L{PIPE_MIN}) until pipes are freed; raise
-#: the sysctl for more.  Each pipe holds at most this much of a body for a
+#: C{fs.pipe-user-pages-soft}, 16,384 pages; the reactor's own pipes count
+#: too) before it refuses to grow them: about 63 bodies per user get 1 MiB
+#: pipes at once, a few more the 64 KiB pipes Linux still gives, and once
+#: new pipes are 8 KiB the rest are relayed (L{PIPE_MIN}) until pipes are
+#: freed; raise the sysctl for more.  Each pipe holds at most this much of a body for a
 #: slow client, in the kernel.
 PIPE_SIZE = 1024 * 1024
 
@@ -105,7 +106,9 @@ def report_to(responses, sent) -> None:
     """
     Count spliced responses and body bytes with these counters from now on
     (the process's L{gateway.metrics.GatewayMetrics}; plain prometheus
-    counters, which C{--workers} merges).
+    counters, which C{--workers} merges).  Process-wide: the last caller's
+    counters get the counts (a gateway process has one
+    L{gateway.metrics.GatewayMetrics}, kept across reloads).
 
     @param responses: an object with C{inc()}, for each spliced response.
     @param sent: an object with C{inc(amount)}, for the bytes spliced.

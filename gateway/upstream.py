@@ -147,6 +147,8 @@ class UpstreamResponse:
         self._buffer: list = []
         self._ended: Optional[Failure] = None
         self._paused = False
+        #: whether splicing the body may still be tried (L{gateway.splice})
+        self._spliceable = _splice.ENABLED
 
     # -- from the connection
 
@@ -195,14 +197,12 @@ class UpstreamResponse:
         connection = self._connection
         if connection is not None and self._protocol is not None:
             left = connection._body_left
-            if (
-                left is not None
-                and left >= _splice.SPLICE_MIN
-                and connection._splice is None
-                and _splice.ENABLED
-            ):
+            if self._spliceable and left is not None and left >= _splice.SPLICE_MIN and connection._splice is None:
                 # The client took everything written so far: the rest of a
-                # large body may go straight from socket to socket.
+                # large body may go straight from socket to socket.  Tried
+                # once per response: what refuses it (the transports, the
+                # reader, the pipe budget) would refuse it again.
+                self._spliceable = False
                 connection._splice = _splice.BodySplice.start(connection, self._protocol)
                 if connection._splice is not None:
                     return

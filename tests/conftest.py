@@ -24,10 +24,12 @@ def pytest_collection_modifyitems(config, items):
     allocator, measured with tracemalloc, which PyPy lacks; C{gc.freeze}):
     under PyPy they are deselected, and counted as such, rather than
     skipped.  Tests marked C{pypy_only} (PyPy's collector) are deselected
-    under CPython.
+    under CPython, and those marked C{needs_splice} (L{gateway.splice})
+    where Python has no C{os.splice} (before 3.10, PyPy 3.9, not Linux).
     """
     other = "cpython_only" if ON_PYPY else "pypy_only"
-    kept = [item for item in items if item.get_closest_marker(other) is None]
+    dropped = {other} if hasattr(os, "splice") else {other, "needs_splice"}
+    kept = [item for item in items if not any(item.get_closest_marker(m) for m in dropped)]
     if len(kept) != len(items):
         config.hook.pytest_deselected(items=[i for i in items if i not in kept])
         items[:] = kept

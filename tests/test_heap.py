@@ -6,7 +6,10 @@ the service tree and the config watcher use it.
 
 import ctypes
 import gc
+import json
 import os
+import subprocess
+import sys
 import weakref
 from types import SimpleNamespace
 
@@ -31,6 +34,7 @@ from gateway.heap import (
 from gateway.reload import ConfigWatcher
 from gateway.state import Gateway
 from gateway.tap import GatewayService
+from tests.harness import ROOT
 
 cpython = pytest.mark.cpython_only  # gc.freeze is CPython's
 
@@ -432,45 +436,64 @@ def test_without_mallopt_malloc_is_left_alone(monkeypatch):
 _GLIBC = hasattr(os, "confstr") and bool(os.confstr("CS_GNU_LIBC_VERSION"))
 
 
-class _MallInfo2(ctypes.Structure):
-    # glibc's struct mallinfo2 (malloc.h, glibc 2.33+): ten size_t fields.
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
-    ]
+_MALLOPT_EFFECTS = """
+import ctypes, json
+from gateway.heap import (
+    M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, MALLOC_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD, glibc_mallopt,
+)
+
+class MallInfo2(ctypes.Structure):  # glibc 2.33+: ten size_t fields
+    _fields_ = [(n, ctypes.c_size_t) for n in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+mallopt = glibc_mallopt()
+
+def mapped_by(size):  # bytes mapped for the block alone
+    before = libc.mallinfo2().hblkhd
+    block = libc.malloc(size)
+    after = libc.mallinfo2().hblkhd
+    libc.free(block)
+    return after - before
+
+def kept_after(size):  # free bytes left at the heap's top once the block is freed
+    libc.free(libc.malloc(size))
+    return libc.mallinfo2().keepcost
+
+ok = [mallopt(M_TRIM_THRESHOLD, 128 * 1024), mallopt(M_MMAP_THRESHOLD, 128 * 1024)]
+libc.malloc_trim(0)
+effects = [mapped_by(1 << 20)]
+ok.append(mallopt(M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD))
+effects += [mapped_by(1 << 20), kept_after(2 << 20)]
+ok.append(mallopt(M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD))
+effects.append(kept_after(2 << 20))
+print(json.dumps([ok, effects]))
+"""
 
 
 @pytest.mark.skipif(not _GLIBC, reason="glibc's mallopt")
-def test_glibc_mallopt_moves_the_real_mmap_threshold():
+def test_glibc_mallopt_moves_the_real_thresholds():
     """
     glibc's mallopt answers 1 even for parameters it does not know, so the
-    constants are checked by their effect: a 1 MiB block is mapped for
-    itself under a 128 KiB threshold and comes from the heap under 4 MiB.
-    (This process is a test run: the gateway's values are harmless here.)
+    constants are checked by their effect, in a fresh process (a long test
+    run's heap has free blocks that would serve the allocations): a 1 MiB
+    block is mapped for itself under a 128 KiB mmap threshold and comes
+    from the heap under 4 MiB; a freed 2 MiB block at the heap's top is
+    given back under a 128 KiB trim threshold and kept under 32 MiB.
     """
-    libc = ctypes.CDLL(None)
-    if not hasattr(libc, "mallinfo2"):
+    if not hasattr(ctypes.CDLL(None), "mallinfo2"):
         pytest.skip("glibc older than 2.33: no mallinfo2")
-    libc.mallinfo2.restype = _MallInfo2
-    libc.malloc.restype = ctypes.c_void_p
-    libc.malloc.argtypes = [ctypes.c_size_t]
-    libc.free.argtypes = [ctypes.c_void_p]
-    mallopt = glibc_mallopt()
-    assert mallopt is not None
-
-    def mapped_by(size):
-        before = libc.mallinfo2().hblkhd
-        block = libc.malloc(size)
-        try:
-            return libc.mallinfo2().hblkhd - before
-        finally:
-            libc.free(block)
-
-    assert mallopt(M_MMAP_THRESHOLD, 128 * 1024) == 1
-    assert mapped_by(1 << 20) >= 1 << 20
-    assert mallopt(M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD) == 1
-    assert mapped_by(1 << 20) == 0
-    assert mallopt(M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD) == 1
+    out = subprocess.run(
+        [sys.executable, "-c", _MALLOPT_EFFECTS], capture_output=True, text=True, timeout=60, cwd=ROOT, check=True
+    ).stdout
+    ok, (mapped_small, mapped_large, kept_small, kept_large) = json.loads(out)
+    assert ok == [1, 1, 1, 1]
+    assert mapped_small >= 1 << 20 and mapped_large == 0
+    assert kept_small < 1 << 20 <= 2 << 20 <= kept_large, (kept_small, kept_large)
 
 
 def test_glibc_mallopt_is_none_without_glibc(monkeypatch):
