@@ -41,8 +41,9 @@ objects are allocated: PyPy sizes it from the CPU's cache (1 MB on the
 benchmark's machine, 130 MB on a later one with a 260 MiB L3), and every
 request's objects that are still alive when it fills are copied out.
 It is read once, when PyPy starts, from the environment variable
-C{PYPY_GC_NURSERY}; with C{PYPY_GC_NURSERY=}L{PYPY_NURSERY} the typical chain served 1.6 to 1.7
-times the requests/s of the default, for about 160 MiB more memory.  Its
+C{PYPY_GC_NURSERY}; with C{PYPY_GC_NURSERY=}L{PYPY_NURSERY} the typical
+chain served 1.6 to 1.7 times the requests/s of the default, for about
+160 MiB more memory.  Its
 major collections mark the heap in steps of several times the nursery:
 with a 32 MB nursery, all of it at once, a 47-63 ms pause every few
 seconds that set the p99.  C{PYPY_GC_INCREMENT_STEP=}L{PYPY_INCREMENT_STEP}
@@ -198,7 +199,8 @@ def tuning_enabled(environ: Mapping[str, str], variable: str = "TXGATEWAY_GC_TUN
     """
     Whether C{environ} leaves a tuning on: it is, unless its C{variable}
     (C{TXGATEWAY_GC_TUNING}: all of this module's; C{TXGATEWAY_MALLOC_TUNING}:
-    glibc's thresholds alone) is C{off}, C{0}, C{no} or C{false}.
+    glibc's thresholds alone; C{TXGATEWAY_SPLICE}: L{gateway.splice}) is
+    C{off}, C{0}, C{no} or C{false}.
     """
     return environ.get(variable, "").strip().lower() not in (
         "off",

@@ -76,7 +76,7 @@ def _prefix(selectable) -> str:
         return "(buggy logPrefix method)"
 
 
-def _buffered(writer) -> int:
+def unsent_bytes(writer) -> int:
     """
     The bytes a L{twisted.internet.abstract.FileDescriptor} holds unsent;
     0 for another kind of writer.
@@ -114,7 +114,7 @@ class GatewayEPollReactor(epollreactor.EPollReactor):
         elif writer.fileno() not in self._writes:
             # Every write calls startWriting, so a noted writer whose buffer
             # grows past the limit comes back here before any flush.
-            if _buffered(writer) >= EAGER_LIMIT:
+            if unsent_bytes(writer) >= EAGER_LIMIT:
                 # A stream: registered at once, as Twisted does (and no
                 # longer noted, if an earlier small write noted it).
                 self._noted.discard(writer)

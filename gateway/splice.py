@@ -42,6 +42,9 @@ from typing import Mapping, Optional
 
 from twisted.internet import tcp
 
+from gateway.heap import tuning_enabled
+from gateway.reactor import unsent_bytes
+
 #: Body bytes still to come from which a response is spliced rather than
 #: relayed: below this, the pipe's two system calls per response and the
 #: set-up cost more than the copies they save.
@@ -54,8 +57,8 @@ SPLICE_MIN = 64 * 1024
 #: too) before it refuses to grow them: about 63 bodies per user get 1 MiB
 #: pipes at once, a few more the 64 KiB pipes Linux still gives, and once
 #: new pipes are 8 KiB the rest are relayed (L{PIPE_MIN}) until pipes are
-#: freed; raise the sysctl for more.  Each pipe holds at most this much of a body for a
-#: slow client, in the kernel.
+#: freed; raise the sysctl for more.  Each pipe holds at most this much of
+#: a body for a slow client, in the kernel.
 PIPE_SIZE = 1024 * 1024
 
 #: The smallest pipe worth splicing through, in bytes: with a smaller one
@@ -76,12 +79,7 @@ def enabled(environ: Mapping[str, str]) -> bool:
     Whether responses may be spliced: on a platform with C{os.splice},
     unless C{TXGATEWAY_SPLICE} is C{off}, C{0}, C{no} or C{false}.
     """
-    return SUPPORTED and environ.get("TXGATEWAY_SPLICE", "").strip().lower() not in (
-        "off",
-        "0",
-        "no",
-        "false",
-    )
+    return SUPPORTED and tuning_enabled(environ, "TXGATEWAY_SPLICE")
 
 
 ENABLED = enabled(os.environ)
@@ -115,10 +113,6 @@ def report_to(responses, sent) -> None:
     """
     global _responses, _bytes
     _responses, _bytes = responses, sent
-
-
-def _buffered(transport) -> int:
-    return transport._tempDataLen + len(transport.dataBuffer) - transport.offset
 
 
 class BodySplice:
@@ -178,7 +172,7 @@ class BodySplice:
                 transport.disconnecting
                 or getattr(transport, "TLS", False)  # (startTLS keeps the type)
                 or getattr(transport, "_aborting", False)
-                or _buffered(transport)
+                or unsent_bytes(transport)
                 or transport.fileno() == -1
             ):
                 return None
@@ -285,7 +279,7 @@ class BodySplice:
         self._connection._splice = None
         self._connection._body_left = self.left
         down = self._down
-        if down.connected and (down.disconnecting or _buffered(down)):
+        if down.connected and (down.disconnecting or unsent_bytes(down)):
             down.startWriting()  # a close or a write that waited for the splice
 
     def _finish(self) -> None:

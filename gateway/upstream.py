@@ -197,7 +197,7 @@ class UpstreamResponse:
         connection = self._connection
         if connection is not None and self._protocol is not None:
             left = connection._body_left
-            if self._spliceable and left is not None and left >= _splice.SPLICE_MIN and connection._splice is None:
+            if self._spliceable and left is not None and left >= _splice.SPLICE_MIN:
                 # The client took everything written so far: the rest of a
                 # large body may go straight from socket to socket.  Tried
                 # once per response: what refuses it (the transports, the
@@ -336,11 +336,15 @@ class UpstreamProtocol(Protocol):
 
     def _spliced_body_complete(self) -> None:
         """The rest of the body went through a L{gateway.splice.BodySplice}."""
+        self._leave_fast_path()
+        self._message_complete()
+        self._after_data()
+
+    def _leave_fast_path(self) -> None:
+        """The whole Content-Length body is in: reads as before it."""
         self._body_left = None
         if self._read_size is not None:
             self.transport.bufferSize = self._read_size
-        self._message_complete()
-        self._after_data()
 
     # -- httptools callbacks
 
@@ -470,9 +474,7 @@ class UpstreamProtocol(Protocol):
             if size:
                 self._response._body(data)
             return
-        self._body_left = None
-        if self._read_size is not None:
-            self.transport.bufferSize = self._read_size
+        self._leave_fast_path()
         if size > left:
             self._keep_alive = False  # bytes nobody asked for: do not reuse
             data = data[:left]

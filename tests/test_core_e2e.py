@@ -275,6 +275,16 @@ def test_admin_health(gateway):
     assert r.status == 200 and r.json()["status"] == "ok"
 
 
+def _read_head(f) -> bytes:
+    """A response's head (status line and fields, through the empty line) from file C{f}."""
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        byte = f.read(1)
+        assert byte, f"the connection closed in the head: {head!r}"
+        head += byte
+    return head
+
+
 @pytest.mark.parametrize("splice", ["on", "off"])
 def test_large_streamed_response_checksum_and_bounded_memory(gateway, backends, splice):
     """A 1 GiB body, spliced (gateway.splice) or relayed through the process."""
@@ -304,9 +314,7 @@ def _stream_gib(gateway) -> None:
         peak = max(peak, rss_kib(gateway.pid))
         time.sleep(0.05)
     f = s.makefile("rb")
-    head = b""
-    while not head.endswith(b"\r\n\r\n"):
-        head += f.read(1)
+    head = _read_head(f)
     assert head.startswith(b"HTTP/1.1 200")
     assert b"Content-Length: %d" % size in head
     got = hashlib.sha256()
@@ -338,11 +346,7 @@ def _fetch_large(port: int, size: int, count: int) -> None:
         f = s.makefile("rb")
         for _ in range(count):
             s.sendall(b"GET /rr/large?bytes=%d HTTP/1.1\r\nHost: x\r\n\r\n" % size)
-            head = b""
-            while not head.endswith(b"\r\n\r\n"):
-                byte = f.read(1)
-                assert byte, f"the connection closed in the head: {head!r}"
-                head += byte
+            head = _read_head(f)
             assert head.startswith(b"HTTP/1.1 200") and b"Content-Length: %d" % size in head
             left = size
             while left:
@@ -427,11 +431,7 @@ def _metric_value(gw, name: str) -> float:
 
 def _read_response(f) -> tuple:
     """(head, body) of one response with a Content-Length from file C{f}."""
-    head = b""
-    while not head.endswith(b"\r\n\r\n"):
-        byte = f.read(1)
-        assert byte, f"the connection closed in the head: {head!r}"
-        head += byte
+    head = _read_head(f)
     length = int(re.search(rb"Content-Length: (\d+)", head).group(1))
     body = f.read(length)
     return head, body
@@ -532,11 +532,7 @@ def test_a_slow_client_of_a_spliced_body_costs_no_cpu_while_it_waits(gateway, ch
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
         s.sendall(b"GET /one/large?bytes=%d&chunk=%d HTTP/1.1\r\nHost: x\r\n\r\n" % (size, chunk))
         f = s.makefile("rb")
-        head = b""
-        while not head.endswith(b"\r\n\r\n"):
-            byte = f.read(1)
-            assert byte
-            head += byte
+        head = _read_head(f)
         cpu, started = _cpu_seconds(gateway.pid), time.monotonic()
         body = []
         got = 0
@@ -568,11 +564,7 @@ def test_a_backend_gone_mid_splice_cuts_the_client_response(gateway):
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as s:
         s.sendall(b"GET /one/large?bytes=%d&cut=%d HTTP/1.1\r\nHost: x\r\n\r\n" % (size, cut))
         f = s.makefile("rb")
-        head = b""
-        while not head.endswith(b"\r\n\r\n"):
-            byte = f.read(1)
-            assert byte
-            head += byte
+        head = _read_head(f)
         assert head.startswith(b"HTTP/1.1 200") and b"Content-Length: %d" % size in head
         body = b""
         while True:
