@@ -289,6 +289,10 @@ def _stored_digest(stored: str) -> bytes:
     return hashlib.sha256(stored.encode("utf-8")).digest()
 
 
+#: How many valid API keys an L{ApiKeyAuthenticator} remembers (see there).
+KNOWN_KEYS_MAX = 4096
+
+
 @attrs.define
 class ApiKeyAuthenticator:
     """
@@ -300,6 +304,19 @@ class ApiKeyAuthenticator:
     digest of what the caller sent, which the caller cannot steer towards a
     stored digest, so it reveals nothing about stored keys, and the cost
     stays constant however many consumers there are.
+
+    A key found valid is remembered, with its result, in a dict keyed by
+    the key itself (at most L{KNOWN_KEYS_MAX} keys; when full it is
+    emptied), so that a client sending the same key request after request
+    is hashed once.  Only valid keys are remembered, so the dict's lookup
+    tells a caller nothing it is not told anyway: a key it presents is
+    either valid, and accepted, or it is hashed and refused as before.  On
+    PyPy this matters more than the hashing's CPU: each hash object has a
+    finalizer, and PyPy's collector walks every such object that reached
+    its old generation at the end of each major collection's marking, in
+    one step that set the p99 (docs/performance.rst).  The authenticator
+    is rebuilt on every configuration load, so a key removed from the
+    configuration is forgotten with it.
 
     @ivar consumers: the known consumers.
     @ivar header: the header carrying the key (case-insensitive), or L{None}.
@@ -319,6 +336,9 @@ class ApiKeyAuthenticator:
         converter=lambda v: v.encode("utf-8") if isinstance(v, str) else v,
     )
     _by_digest: dict[bytes, tuple[bytes, str]] = attrs.field(
+        init=False, factory=dict, repr=False
+    )
+    _known: dict[bytes, AuthResult] = attrs.field(
         init=False, factory=dict, repr=False
     )
 
@@ -366,13 +386,20 @@ class ApiKeyAuthenticator:
             presented = _single(query_args.get(self.query), "API key")
         if presented is None:
             return None
+        known = self._known.get(presented)
+        if known is not None:
+            return known
         if not presented:
             raise InvalidCredentials("empty API key")
         digest = hashlib.sha256(presented).digest()
         found = self._by_digest.get(digest)
         if found is None or not hmac.compare_digest(found[0], digest):
             raise InvalidCredentials("unknown API key")
-        return AuthResult(method="api_key", consumer=found[1])
+        result = AuthResult(method="api_key", consumer=found[1])
+        if len(self._known) >= KNOWN_KEYS_MAX:
+            self._known.clear()
+        self._known[presented] = result
+        return result
 
 
 # --------------------------------------------------------------------------

@@ -447,6 +447,52 @@ def test_api_key_compared_in_constant_time(monkeypatch):
     assert seen == [(digest, digest)]
 
 
+class _CountingSha256:
+    """C{gateway.auth.hashlib} for a test: counts what C{sha256} hashes."""
+
+    def __init__(self):
+        self.hashed = []
+
+    def sha256(self, data=b""):
+        self.hashed.append(data)
+        return hashlib.sha256(data)
+
+
+def test_api_key_valid_key_hashed_once(monkeypatch):
+    a = api_keys()
+    counting = _CountingSha256()
+    monkeypatch.setattr("gateway.auth.hashlib", counting)
+    results = [a.authenticate(Headers({b"X-API-Key": [b"mobile-secret"]}), {})
+               for _ in range(3)]
+    assert results == [AuthResult(method="api_key", consumer="mobile-app")] * 3
+    assert counting.hashed == [b"mobile-secret"]
+    # Another key, and the first again through the query string.
+    assert a.authenticate(Headers(), {b"api_key": [b"plain-dev-key"]}).consumer == "dev"
+    assert a.authenticate(Headers(), {b"api_key": [b"mobile-secret"]}).consumer == "mobile-app"
+    assert counting.hashed == [b"mobile-secret", b"plain-dev-key"]
+
+
+def test_api_key_refused_keys_not_remembered(monkeypatch):
+    a = api_keys()
+    counting = _CountingSha256()
+    monkeypatch.setattr("gateway.auth.hashlib", counting)
+    for _ in range(2):
+        refused("unknown API key", a.authenticate, Headers({b"X-API-Key": [b"guess"]}), {})
+    # Refused each time after hashing it each time: nothing was remembered.
+    assert counting.hashed == [b"guess", b"guess"]
+    assert a._known == {}
+
+
+def test_api_key_remembered_keys_bounded(monkeypatch):
+    monkeypatch.setattr("gateway.auth.KNOWN_KEYS_MAX", 2)
+    a = api_keys()
+    for key, consumer in [(b"mobile-secret", "mobile-app"), (b"plain-dev-key", "dev"),
+                          (b"up", "upper"), (b"mobile-secret", "mobile-app")]:
+        assert a.authenticate(Headers({b"X-API-Key": [key]}), {}).consumer == consumer
+        assert len(a._known) <= 2
+    assert b"mobile-secret" in a._known
+
+
 def test_api_key_configuration_errors():
     with pytest.raises(ValueError):
         ApiKeyAuthenticator([Consumer("a", ["sha256:abc"])])
