@@ -17,7 +17,12 @@ from twisted.internet.protocol import Factory, Protocol
 if not hasattr(select, "epoll"):  # pragma: no cover - not Linux
     pytest.skip("no epoll on this platform", allow_module_level=True)
 
-from gateway.reactor import EAGER_LIMIT, GatewayEPollReactor  # noqa: E402
+from gateway.reactor import (  # noqa: E402
+    EAGER_LIMIT,
+    READ_INTO,
+    READ_INTO_MAX,
+    GatewayEPollReactor,
+)
 
 WATCHDOG = 10.0  # seconds
 
@@ -45,8 +50,8 @@ class _CountingPoller:
         return getattr(self._poller, name)
 
 
-def _reactor():
-    reactor = GatewayEPollReactor()
+def _reactor(**kwargs):
+    reactor = GatewayEPollReactor(**kwargs)
     reactor._poller = poller = _CountingPoller(reactor._poller)
     return reactor, poller
 
@@ -417,3 +422,124 @@ def test_an_exception_from_a_disconnection_is_logged_with_the_prefix():
     assert len(failures) == 1
     assert failures[0]["failure"].check(ValueError)
     assert failures[0]["system"].startswith("BadLoss,")  # the transport's prefix
+
+
+# -- reads into the reactor's buffer ------------------------------------------
+
+
+class _CountingSocket:
+    """A transport's socket, counting the reads made on it."""
+
+    def __init__(self, socket):
+        self._socket = socket
+        self.reads = {"recv": 0, "recv_into": 0}
+
+    def recv(self, size, *args):
+        self.reads["recv"] += 1
+        return self._socket.recv(size, *args)
+
+    def recv_into(self, buffer, size=0, *args):
+        self.reads["recv_into"] += 1
+        return self._socket.recv_into(buffer, size, *args)
+
+    def __getattr__(self, name):
+        return getattr(self._socket, name)
+
+
+def _stream_through(reactor, size, buffer_size=None, shadow=None):
+    """
+    Send C{size} bytes over one connection of C{reactor} and close it.
+
+    @param buffer_size: the receiving transport's C{bufferSize}, if not
+        Twisted's default.
+    @param shadow: called with the receiving transport, returns a function
+        to put in place of its C{doRead} (as a splice does), or L{None}.
+    @return: C{(received, reads, lost, shadowed)}: the chunks the receiver
+        got, its socket's read counts, why its connection was lost, and
+        how often the shadow ran.
+    """
+    payload = hashlib.sha256(b"stream").digest() * (size // 32)
+    found = {"chunks": [], "shadowed": 0}
+
+    class Sender(Protocol):
+        def connectionMade(self):
+            self.transport.write(payload)
+            self.transport.loseConnection()
+
+    class Receiver(Protocol):
+        def connectionMade(self):
+            transport = self.transport
+            found["socket"] = transport.socket = _CountingSocket(transport.socket)
+            if buffer_size is not None:
+                transport.bufferSize = buffer_size
+            if shadow is not None:
+                real = transport.doRead
+
+                def shadowed():
+                    found["shadowed"] += 1
+                    return real()
+
+                transport.doRead = shadowed
+
+        def dataReceived(self, data):
+            found["chunks"].append(data)
+
+        def connectionLost(self, reason):
+            found["lost"] = reason
+            reactor.stop()
+
+    _run(reactor, _pair(Sender, Receiver))
+    assert b"".join(found["chunks"]) == payload
+    return found["chunks"], found["socket"].reads, found["lost"], found["shadowed"]
+
+
+def test_reads_into_the_reactors_buffer():
+    """
+    With C{read_into}, a TCP transport is read into the reactor's buffer:
+    every byte arrives, each chunk a C{bytes} of its own (not a view of the
+    buffer, which the next read overwrites), and the peer's close ends the
+    connection cleanly.
+    """
+    from twisted.internet.error import ConnectionDone
+
+    reactor, _ = _reactor(read_into=True)
+    chunks, reads, lost, _ = _stream_through(reactor, 4 * 1024 * 1024)
+    assert reads["recv"] == 0
+    assert reads["recv_into"] >= len(chunks) + 1  # and the read of the close
+    assert all(type(chunk) is bytes for chunk in chunks)
+    assert len(set(map(id, chunks))) == len(chunks)
+    assert max(map(len, chunks)) <= READ_INTO_MAX
+    assert lost.check(ConnectionDone)
+
+
+def test_reads_larger_than_the_buffer_use_doread():
+    """A transport reading more than L{READ_INTO_MAX} at once reads with
+    its own C{recv}."""
+    reactor, _ = _reactor(read_into=True)
+    _, reads, _, _ = _stream_through(reactor, 4 * 1024 * 1024, buffer_size=4 * READ_INTO_MAX)
+    assert reads["recv_into"] == 0
+    assert reads["recv"] >= 1
+
+
+def test_shadowed_doread_is_called():
+    """A C{doRead} put on the transport itself (a splice's) is called
+    instead of a read into the reactor's buffer."""
+    reactor, _ = _reactor(read_into=True)
+    _, reads, _, shadowed = _stream_through(reactor, 1024 * 1024, shadow=True)
+    assert shadowed >= 1
+    assert reads["recv_into"] == 0
+
+
+def test_without_read_into_doread_reads():
+    reactor, _ = _reactor(read_into=False)
+    _, reads, _, _ = _stream_through(reactor, 1024 * 1024)
+    assert reads["recv_into"] == 0
+    assert reads["recv"] >= 1
+
+
+def test_read_into_by_default_on_pypy_only():
+    import platform
+
+    assert READ_INTO == (platform.python_implementation() == "PyPy")
+    reactor = GatewayEPollReactor()
+    assert (reactor._read_buffer is not None) == READ_INTO
