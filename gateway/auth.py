@@ -314,9 +314,10 @@ class ApiKeyAuthenticator:
     PyPy this matters more than the hashing's CPU: each hash object has a
     finalizer, and PyPy's collector walks every such object that reached
     its old generation at the end of each major collection's marking, in
-    one step that set the p99 (docs/performance.rst).  The authenticator
-    is rebuilt on every configuration load, so a key removed from the
-    configuration is forgotten with it.
+    one step that set the p99 (docs/performance.rst).  A configuration
+    load that changes the consumers or their keys builds a new
+    authenticator (L{gateway.filters.auth}), so a key removed from the
+    configuration is forgotten with the old one.
 
     @ivar consumers: the known consumers.
     @ivar header: the header carrying the key (case-insensitive), or L{None}.

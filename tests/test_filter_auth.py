@@ -130,6 +130,25 @@ def test_bad_api_key_gets_401_invalid_token(keys):
     assert r.json()["error"] == "invalid credentials: unknown API key"
 
 
+def test_api_key_removed_by_a_reload_is_refused(keys):
+    """
+    A key used before (and so remembered by the authenticator) stops
+    working at the reload that removes it from the configuration, while
+    the consumer's other key keeps working.
+    """
+    two_keys = config(keys).replace("api_keys: [dev-plain-key]",
+                                    "api_keys: [dev-plain-key, dev-second-key]")
+    gw = StubGateway(two_keys)
+    gw.reactor.advance(NOW)
+    for _ in range(2):
+        assert gw.request("GET", "/r/x", headers={"X-API-Key": "dev-plain-key"}).code == 200
+    assert gw.request("GET", "/r/x", headers={"X-API-Key": "dev-second-key"}).code == 200
+    gw.reload(config(keys))
+    r = gw.request("GET", "/r/x", headers={"X-API-Key": "dev-second-key"})
+    assert r.code == 401
+    assert gw.request("GET", "/r/x", headers={"X-API-Key": "dev-plain-key"}).code == 200
+
+
 def test_valid_but_not_allowed_consumer_gets_403(keys):
     gw = stub(keys)
     assert gw.request("GET", "/m/x", headers={"X-API-Key": "mobile-secret"}).code == 200
