@@ -290,6 +290,8 @@ def _stored_digest(stored: str) -> bytes:
 
 
 #: How many valid API keys an L{ApiKeyAuthenticator} remembers (see there).
+#: With more keys than this in use, the dict is emptied and refilled, and
+#: keys are hashed again now and then.
 KNOWN_KEYS_MAX = 4096
 
 
@@ -308,16 +310,19 @@ class ApiKeyAuthenticator:
     A key found valid is remembered, with its result, in a dict keyed by
     the key itself (at most L{KNOWN_KEYS_MAX} keys; when full it is
     emptied), so that a client sending the same key request after request
-    is hashed once.  Only valid keys are remembered, so the dict's lookup
-    tells a caller nothing it is not told anyway: a key it presents is
-    either valid, and accepted, or it is hashed and refused as before.  On
-    PyPy this matters more than the hashing's CPU: each hash object has a
-    finalizer, and PyPy's collector walks every such object that reached
-    its old generation at the end of each major collection's marking, in
-    one step that set the p99 (docs/performance.rst).  A configuration
-    load that changes the consumers or their keys builds a new
-    authenticator (L{gateway.filters.auth}), so a key removed from the
-    configuration is forgotten with the old one.
+    is hashed once.  The keys themselves stay in the process's memory then,
+    even when the configuration holds only their digests (as each request's
+    key does while the request is handled).  Only valid keys are
+    remembered, so the dict's lookup tells a caller nothing it is not told
+    anyway: a key it presents is either valid, and accepted, or it is
+    hashed and refused as before.  On PyPy this matters more than the
+    hashing's CPU: each hash object has a finalizer, and PyPy's collector
+    walks every such object that reached its old generation at the end of
+    each major collection's marking, in one step that set the p99
+    (docs/performance.rst).  A configuration load that changes the
+    consumers or their keys builds a new authenticator
+    (L{gateway.filters.auth}), so a key removed from the configuration is
+    forgotten with the old one.
 
     @ivar consumers: the known consumers.
     @ivar header: the header carrying the key (case-insensitive), or L{None}.

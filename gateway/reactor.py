@@ -50,10 +50,14 @@ frees it only at the next major collection: with two such buffers per
 proxied request, minor collections came 1.6 times as often.  Reading into
 one buffer served 4-17% more requests/s with the filters off in two sets
 of paired runs, with p99 5.8-10 ms instead of 7.4-13.7 ms
-(docs/performance.rst).  CPython's C{recv} allocates only what arrives;
-there, and for reads larger than L{READ_INTO_MAX} (a streamed body, where
-the copy would cost more than the allocation: 8% fewer 1 MiB responses/s
-relayed on CPython), C{doRead} is called as before.
+(docs/performance.rst).  CPython's C{recv} allocates C{bufferSize} too,
+but with C{malloc}, and shrinks it to what arrived at once; there, and
+for a transport reading more than L{READ_INTO_MAX} at a time (a backend
+connection streaming a C{Content-Length} body above
+L{gateway.upstream.LARGE_READ}, where the copy would cost more than the
+allocation: 8% fewer 1 MiB responses/s relayed on CPython), C{doRead} is
+called as before.  Smaller and chunked bodies, and request bodies, are
+read into the buffer like everything else.
 """
 
 from __future__ import annotations
@@ -275,7 +279,11 @@ class GatewayEPollReactor(epollreactor.EPollReactor):
         """
         doRead = selectable.doRead
         size = getattr(selectable, "bufferSize", 0)
-        if getattr(doRead, "__func__", None) is not _TCP_DO_READ or size > READ_INTO_MAX:
+        if (
+            getattr(doRead, "__func__", None) is not _TCP_DO_READ
+            or doRead.__self__ is not selectable
+            or not 0 < size <= READ_INTO_MAX
+        ):
             return doRead()
         buffer = self._read_buffer
         try:

@@ -17,12 +17,7 @@ from twisted.internet.protocol import Factory, Protocol
 if not hasattr(select, "epoll"):  # pragma: no cover - not Linux
     pytest.skip("no epoll on this platform", allow_module_level=True)
 
-from gateway.reactor import (  # noqa: E402
-    EAGER_LIMIT,
-    READ_INTO,
-    READ_INTO_MAX,
-    GatewayEPollReactor,
-)
+from gateway.reactor import EAGER_LIMIT, READ_INTO_MAX, GatewayEPollReactor  # noqa: E402
 
 WATCHDOG = 10.0  # seconds
 
@@ -446,25 +441,45 @@ class _CountingSocket:
         return getattr(self._socket, name)
 
 
-def _stream_through(reactor, size, buffer_size=None, shadow=None):
+def _stream_through(reactor, size, buffer_size=None, shadow=False, reset=False):
     """
-    Send C{size} bytes over one connection of C{reactor} and close it.
+    Send C{size} random bytes over one connection of C{reactor} and close
+    it.
 
     @param buffer_size: the receiving transport's C{bufferSize}, if not
         Twisted's default.
-    @param shadow: called with the receiving transport, returns a function
-        to put in place of its C{doRead} (as a splice does), or L{None}.
+    @param shadow: whether to put a function of the test's in place of the
+        receiving transport's C{doRead} (as a splice does), which counts
+        its calls and calls the transport's own.
+    @param reset: whether the sender resets the connection (C{SO_LINGER}
+        0) instead of closing it, before the receiver reads anything.
     @return: C{(received, reads, lost, shadowed)}: the chunks the receiver
         got, its socket's read counts, why its connection was lost, and
         how often the shadow ran.
     """
-    payload = hashlib.sha256(b"stream").digest() * (size // 32)
+    import os
+    import socket
+    import struct
+
+    payload = os.urandom(size)
     found = {"chunks": [], "shadowed": 0}
 
     class Sender(Protocol):
         def connectionMade(self):
             self.transport.write(payload)
-            self.transport.loseConnection()
+            if reset:
+                self.transport.socket.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                )
+                self.transport.abortConnection()
+            else:
+                self.transport.loseConnection()
+
+        def connectionLost(self, reason):
+            # The reset is in the receiver's socket now: let it read.
+            found["sent"] = True
+            if "receiver" in found:
+                found["receiver"].resumeProducing()
 
     class Receiver(Protocol):
         def connectionMade(self):
@@ -472,7 +487,11 @@ def _stream_through(reactor, size, buffer_size=None, shadow=None):
             found["socket"] = transport.socket = _CountingSocket(transport.socket)
             if buffer_size is not None:
                 transport.bufferSize = buffer_size
-            if shadow is not None:
+            if reset and "sent" not in found:
+                # Read nothing until the reset has arrived.
+                transport.pauseProducing()
+                found["receiver"] = transport
+            if shadow:
                 real = transport.doRead
 
                 def shadowed():
@@ -489,7 +508,8 @@ def _stream_through(reactor, size, buffer_size=None, shadow=None):
             reactor.stop()
 
     _run(reactor, _pair(Sender, Receiver))
-    assert b"".join(found["chunks"]) == payload
+    if not reset:
+        assert b"".join(found["chunks"]) == payload
     return found["chunks"], found["socket"].reads, found["lost"], found["shadowed"]
 
 
@@ -507,9 +527,29 @@ def test_reads_into_the_reactors_buffer():
     assert reads["recv"] == 0
     assert reads["recv_into"] >= len(chunks) + 1  # and the read of the close
     assert all(type(chunk) is bytes for chunk in chunks)
-    assert len(set(map(id, chunks))) == len(chunks)
     assert max(map(len, chunks)) <= READ_INTO_MAX
     assert lost.check(ConnectionDone)
+
+
+def test_reads_into_the_buffer_respect_buffer_size():
+    """A transport's smaller C{bufferSize} bounds each read, as with
+    C{recv}."""
+    reactor, _ = _reactor(read_into=True)
+    chunks, reads, _, _ = _stream_through(reactor, 256 * 1024, buffer_size=1000)
+    assert reads["recv"] == 0
+    assert max(map(len, chunks)) <= 1000
+    assert len(chunks) >= 256 * 1024 // 1000
+
+
+def test_reset_while_reading_into_the_buffer_loses_the_connection():
+    """A connection reset by the peer is lost, not done, as with
+    Twisted's C{doRead}."""
+    from twisted.internet.error import ConnectionLost
+
+    reactor, _ = _reactor(read_into=True)
+    _, reads, lost, _ = _stream_through(reactor, 64 * 1024, reset=True)
+    assert reads["recv_into"] >= 1
+    assert lost.check(ConnectionLost)
 
 
 def test_reads_larger_than_the_buffer_use_doread():
@@ -540,6 +580,5 @@ def test_without_read_into_doread_reads():
 def test_read_into_by_default_on_pypy_only():
     import platform
 
-    assert READ_INTO == (platform.python_implementation() == "PyPy")
     reactor = GatewayEPollReactor()
-    assert (reactor._read_buffer is not None) == READ_INTO
+    assert (reactor._read_buffer is not None) == (platform.python_implementation() == "PyPy")
