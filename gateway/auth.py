@@ -910,6 +910,11 @@ def _claim_header_value(value: Any) -> Optional[bytes]:
     return raw
 
 
+#: How many verified tokens a L{JwtVerifier} remembers (see there): at most
+#: about 8 MiB of tokens at the longest accepted length.
+VERIFIED_TOKENS_MAX = 1024
+
+
 @attrs.define
 class JwtVerifier:
     """
@@ -923,6 +928,18 @@ class JwtVerifier:
     C{clock.seconds()} with C{leeway}, it has not expired (C{exp}, required
     unless C{require_exp} is false), is already valid (C{nbf}) and was not
     issued in the future (C{iat}).
+
+    A token that passed is remembered, with its claims and the key set that
+    verified it (at most L{VERIFIED_TOKENS_MAX} tokens; when full the dict
+    is emptied), so that a client sending the same token request after
+    request has its signature verified once: the time claims are checked
+    again on every request, and a remembered token is verified again once
+    the key set has changed (a JWK Set fetched again, even unchanged).  As
+    with API keys (L{ApiKeyAuthenticator}), only tokens that passed are
+    remembered, so the lookup tells a caller nothing its answer does not,
+    and on PyPy this removes the finalizers of the hash and key objects
+    each verification made, which made the last marking step of every major
+    collection 63-76 ms with HS256 (docs/performance.rst).
 
     @ivar algorithms: the allow-list, a subset of L{SUPPORTED_ALGORITHMS}.
     @ivar keys: L{StaticKeys} or a L{JwksSource}.
@@ -957,6 +974,7 @@ class JwtVerifier:
     consumer_claim: str = "sub"
     max_token_length: int = 8192
     _jwt: jwt.PyJWT = attrs.field(init=False, repr=False)
+    _verified: dict = attrs.field(init=False, factory=dict, repr=False)
 
     def __attrs_post_init__(self) -> None:
         if not self.algorithms:
@@ -1030,7 +1048,9 @@ class JwtVerifier:
         Verify a token.
 
         @param token: the compact JWS serialization.
-        @return: the claims, synchronously when the keys are at hand; a
+        @return: the claims (for a remembered token, the dict it was
+            remembered with: not to be changed), synchronously when the
+            keys are at hand or the token is remembered; a
             L{Deferred} firing with them (or failing with
             L{InvalidCredentials}) when the token names a C{kid} the JWK Set
             lacks and an early refetch was started or joined.
@@ -1044,14 +1064,26 @@ class JwtVerifier:
                 raise InvalidCredentials("malformed token") from None
         if len(token) > self.max_token_length:
             raise InvalidCredentials("token too long")
+        verified = self._verified.get(token)
+        if verified is not None:
+            keys, claims = verified
+            if keys is self.keys.current():
+                try:
+                    self._check_times(claims)
+                except InvalidCredentials:
+                    del self._verified[token]
+                    raise
+                return claims
+            del self._verified[token]
         header = _unverified_header(token)
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self.algorithms:
             raise InvalidCredentials("algorithm not allowed")
         kid = header.get("kid")
-        candidates = self.keys.current().candidates(kid, alg)
+        keys = self.keys.current()
+        candidates = keys.candidates(kid, alg)
         if candidates is not None:
-            return self._check(token, alg, candidates)
+            return self._remember(token, keys, self._check(token, alg, candidates))
 
         waiting = self.keys.refetch(kid)
         if waiting is None:
@@ -1061,9 +1093,16 @@ class JwtVerifier:
             candidates = keys.candidates(kid, alg)
             if candidates is None:
                 raise InvalidCredentials("unknown key id")
-            return self._check(token, alg, candidates)
+            return self._remember(token, keys, self._check(token, alg, candidates))
 
         return waiting.addCallback(refetched)
+
+    def _remember(self, token: str, keys: KeySet, claims: dict) -> dict:
+        """Remember C{token}, which C{keys} verified, and return C{claims}."""
+        if len(self._verified) >= VERIFIED_TOKENS_MAX:
+            self._verified.clear()
+        self._verified[token] = (keys, claims)
+        return claims
 
     def _check(
         self, token: str, alg: str, candidates: Iterable[VerificationKey]

@@ -504,6 +504,99 @@ def test_api_key_configuration_errors():
         ApiKeyAuthenticator([], header="Bad Header")
 
 
+# -- verified tokens remembered -------------------------------------------------
+
+
+def _counting_decode(v: JwtVerifier) -> list:
+    """Count the signature verifications of C{v} (its PyJWT decodes)."""
+    calls = []
+    real = v._jwt.decode
+
+    def decode(token, *args, **kwargs):
+        calls.append(token)
+        return real(token, *args, **kwargs)
+
+    v._jwt.decode = decode
+    return calls
+
+
+def test_verified_token_verified_once():
+    v = verifier(["HS256"], [SECRET64])
+    calls = _counting_decode(v)
+    t = token("HS256", SECRET64)
+    for _ in range(3):
+        assert v.verify(t)["sub"] == "alice"
+    assert v.verify(t.encode())["sub"] == "alice"
+    assert calls == [t]
+    other = token("HS256", SECRET64, sub="bob")
+    assert v.verify(other)["sub"] == "bob"
+    assert calls == [t, other]
+
+
+def test_remembered_token_expires():
+    """The time claims of a remembered token are checked on every request."""
+    clock = clock_at()
+    v = verifier(["HS256"], [SECRET64], clock=clock)
+    calls = _counting_decode(v)
+    t = token("HS256", SECRET64, exp=NOW + 10)
+    assert v.verify(t)["sub"] == "alice"
+    clock.advance(10)
+    refused("token expired", v.verify, t)
+    assert t not in v._verified
+    refused("token expired", v.verify, t)  # checked again, and refused again
+    assert len(calls) == 2
+
+
+def test_refused_tokens_not_remembered():
+    v = verifier(["HS256"], [SECRET64])
+    calls = _counting_decode(v)
+    forged = token("HS256", b"w" * 64)
+    for _ in range(2):
+        refused("signature verification failed", v.verify, forged)
+    assert calls == [forged, forged]
+    assert v._verified == {}
+
+
+class _SwappableKeys:
+    """A key source whose key set the test replaces (a JWK Set fetched)."""
+
+    def __init__(self, key_texts):
+        self.keyset = StaticKeys(key_texts).current()
+
+    def current(self):
+        return self.keyset
+
+    def refetch(self, kid):
+        return None
+
+
+def test_remembered_token_verified_again_with_new_keys():
+    """
+    A token remembered under one key set is verified again under the next:
+    refused if its key is gone, accepted (once more) if it is still there.
+    """
+    keys = _SwappableKeys([SECRET64])
+    v = JwtVerifier(algorithms=["HS256"], keys=keys, clock=clock_at())
+    calls = _counting_decode(v)
+    t = token("HS256", SECRET64)
+    v.verify(t)
+    v.verify(t)
+    keys.keyset = StaticKeys([SECRET64]).current()  # the same key, fetched again
+    v.verify(t)
+    v.verify(t)
+    assert len(calls) == 2
+    keys.keyset = StaticKeys([b"n" * 64]).current()  # rotated away
+    refused("signature verification failed", v.verify, t)
+
+
+def test_remembered_tokens_bounded(monkeypatch):
+    monkeypatch.setattr("gateway.auth.VERIFIED_TOKENS_MAX", 2)
+    v = verifier(["HS256"], [SECRET64])
+    for name in ["a", "b", "c", "a"]:
+        assert v.verify(token("HS256", SECRET64, sub=name))["sub"] == name
+        assert len(v._verified) <= 2
+
+
 # -- the combination -----------------------------------------------------------
 
 
