@@ -911,8 +911,15 @@ def _claim_header_value(value: Any) -> Optional[bytes]:
 
 
 #: How many verified tokens a L{JwtVerifier} remembers (see there): at most
-#: about 8 MiB of tokens at the longest accepted length.
+#: about 8 MiB of tokens at the longest accepted length, plus their claims;
+#: when full, the oldest is forgotten.
 VERIFIED_TOKENS_MAX = 1024
+
+#: The compact form of a JWS, strictly (RFC 7515 section 7.1: base64url
+#: without padding): only tokens written so are remembered, since PyJWT's
+#: decoding also accepts variants of one token (padding after the
+#: signature) that would each take a place of their own.
+_COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*\Z")
 
 
 @attrs.define
@@ -930,8 +937,8 @@ class JwtVerifier:
     issued in the future (C{iat}).
 
     A token that passed is remembered, with its claims and the key set that
-    verified it (at most L{VERIFIED_TOKENS_MAX} tokens; when full the dict
-    is emptied), so that a client sending the same token request after
+    verified it (at most L{VERIFIED_TOKENS_MAX} tokens, the oldest
+    forgotten first; only tokens in the strict compact form), so that a client sending the same token request after
     request has its signature verified once: the time claims are checked
     again on every request, and a remembered token is verified again once
     the key set has changed (a JWK Set fetched again, even unchanged).  As
@@ -1048,9 +1055,8 @@ class JwtVerifier:
         Verify a token.
 
         @param token: the compact JWS serialization.
-        @return: the claims (for a remembered token, the dict it was
-            remembered with: not to be changed), synchronously when the
-            keys are at hand or the token is remembered; a
+        @return: the claims, synchronously when the keys are at hand or
+            the token is remembered; a
             L{Deferred} firing with them (or failing with
             L{InvalidCredentials}) when the token names a C{kid} the JWK Set
             lacks and an early refetch was started or joined.
@@ -1073,7 +1079,7 @@ class JwtVerifier:
                 except InvalidCredentials:
                     del self._verified[token]
                     raise
-                return claims
+                return dict(claims)
             del self._verified[token]
         header = _unverified_header(token)
         alg = header.get("alg")
@@ -1099,9 +1105,11 @@ class JwtVerifier:
 
     def _remember(self, token: str, keys: KeySet, claims: dict) -> dict:
         """Remember C{token}, which C{keys} verified, and return C{claims}."""
-        if len(self._verified) >= VERIFIED_TOKENS_MAX:
-            self._verified.clear()
-        self._verified[token] = (keys, claims)
+        if _COMPACT_JWS.match(token):
+            verified = self._verified
+            if len(verified) >= VERIFIED_TOKENS_MAX:
+                del verified[next(iter(verified))]  # the oldest
+            verified[token] = (keys, dict(claims))
         return claims
 
     def _check(

@@ -589,12 +589,39 @@ def test_remembered_token_verified_again_with_new_keys():
     refused("signature verification failed", v.verify, t)
 
 
-def test_remembered_tokens_bounded(monkeypatch):
+def test_remembered_tokens_bounded_oldest_forgotten(monkeypatch):
     monkeypatch.setattr("gateway.auth.VERIFIED_TOKENS_MAX", 2)
     v = verifier(["HS256"], [SECRET64])
-    for name in ["a", "b", "c", "a"]:
-        assert v.verify(token("HS256", SECRET64, sub=name))["sub"] == name
+    tokens = {name: token("HS256", SECRET64, sub=name) for name in "abc"}
+    for name in "abc":
+        assert v.verify(tokens[name])["sub"] == name
         assert len(v._verified) <= 2
+    assert set(v._verified) == {tokens["b"], tokens["c"]}
+
+
+def test_only_strict_compact_tokens_remembered():
+    """
+    PyJWT also accepts variants of a token that the compact form does not
+    allow (here, padding after the signature): they are verified each
+    time, never remembered, so one valid token cannot take the places of
+    others.
+    """
+    v = verifier(["HS256"], [SECRET64])
+    t = token("HS256", SECRET64)
+    variant = t + "="
+    assert v.verify(variant)["sub"] == "alice"
+    assert v._verified == {}
+    v.verify(t)
+    assert list(v._verified) == [t]
+
+
+def test_remembered_claims_are_not_shared():
+    v = verifier(["HS256"], [SECRET64])
+    t = token("HS256", SECRET64)
+    v.verify(t)["sub"] = "mallory"
+    first_hit = v.verify(t)
+    first_hit["sub"] = "mallory"
+    assert v.verify(t)["sub"] == "alice"
 
 
 # -- the combination -----------------------------------------------------------
