@@ -938,10 +938,11 @@ class JwtVerifier:
 
     A token that passed is remembered, with its claims and the key set that
     verified it (at most L{VERIFIED_TOKENS_MAX} tokens, the oldest
-    forgotten first; only tokens in the strict compact form), so that a client sending the same token request after
-    request has its signature verified once: the time claims are checked
-    again on every request, and a remembered token is verified again once
-    the key set has changed (a JWK Set fetched again, even unchanged).  As
+    forgotten first; only tokens in the strict compact form), so that a
+    client sending the same token request after request has its signature
+    verified once: the time claims are checked again on every request, and
+    a remembered token is verified again once the key set has changed (a
+    JWK Set fetched again, even unchanged).  As
     with API keys (L{ApiKeyAuthenticator}), only tokens that passed are
     remembered, so the lookup tells a caller nothing its answer does not,
     and on PyPy this removes the finalizers of the hash and key objects
