@@ -1,5 +1,5 @@
 """
-Using every core: one master process, N worker processes, one socket.
+Using every core: one master process, N worker processes, one address.
 
 This is the pattern Twisted documents for multi-core servers
 (U{https://docs.twisted.org/en/stable/core/howto/endpoints.html} and
@@ -9,7 +9,10 @@ it, and starts N workers with C{reactor.spawnProcess}, passing the socket
 as file descriptor 3. Each worker is the gateway itself
 (C{python -m twisted gateway --config FILE --worker-fd 3}) and adopts the
 socket with L{AdoptedStreamServerEndpoint}; the kernel hands each new
-connection to one of the workers waiting in C{accept}.
+connection to one of the workers waiting in C{accept}. For a TCP listener
+the master opens one socket per worker instead, all on the listener's
+address with C{SO_REUSEPORT}, and the kernel spreads new connections over
+them (L{WorkerSupervisor}).
 
 The master:
 
@@ -54,6 +57,7 @@ from twisted.application.internet import TimerService
 from twisted.application.service import Service
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -161,9 +165,85 @@ class _Worker(protocol.ProcessProtocol):
         self.ended.callback(None)
 
 
+def reuse_port_sockets(endpoint, count: int) -> Optional[list]:
+    """
+    For a TCP endpoint on a system with C{SO_REUSEPORT} (Linux 3.9+, the
+    BSDs): C{count} listening sockets bound to its address, in one
+    C{SO_REUSEPORT} group, among which the kernel spreads new connections
+    by a hash of their addresses (what nginx's C{listen ... reuseport} and
+    Envoy's listeners do). Otherwise (an inherited C{systemd:} socket, no
+    C{SO_REUSEPORT}), None: the workers share one socket.
+
+    Port 0 binds the first socket to a free port and the others to it.
+
+    @param endpoint: the listener's server endpoint (its interface, port
+        and backlog are read from C{TCP4ServerEndpoint}/C{TCP6ServerEndpoint}).
+    @return: non-blocking listening C{socket.socket}s, or None.
+    @raise OSError: if binding fails (the address is in use, say).
+    """
+    from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+
+    if not hasattr(socket, "SO_REUSEPORT") or not isinstance(
+        endpoint, (TCP4ServerEndpoint, TCP6ServerEndpoint)
+    ):
+        return None
+    try:
+        interface, port, backlog = endpoint._interface, endpoint._port, endpoint._backlog
+    except AttributeError:  # a Twisted whose endpoints changed: share one socket
+        return None
+    family = socket.AF_INET6 if isinstance(endpoint, TCP6ServerEndpoint) else socket.AF_INET
+    if not interface:
+        interface = "::" if family == socket.AF_INET6 else "0.0.0.0"
+    sockets: list = []
+    try:
+        for _ in range(count):
+            sockets.append(reuse_port_socket(family, (interface, port), backlog))
+            port = sockets[0].getsockname()[1]
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def reuse_port_socket(family: int, address: tuple, backlog: int):
+    """
+    One non-blocking listening TCP socket on C{address}, with
+    C{SO_REUSEADDR} and C{SO_REUSEPORT}.
+
+    @raise OSError: if it cannot bind (address in use, a port below 1024
+        without the privilege).
+    """
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class WorkerSupervisor(Service):
     """
     Opens the listening socket and keeps C{count} workers serving it.
+
+    For a TCP listener the master opens one socket per worker, in one
+    C{SO_REUSEPORT} group (L{reuse_port_sockets}), and worker I{i} serves
+    socket I{i}: the kernel spreads connections evenly over the workers.
+    One shared socket, which the worker that wakes first drains of every
+    queued connection, gave a client's 64 new connections all to one
+    worker in some runs. While worker I{i} is dead its socket leaves the
+    group: the master closes it (the connections queued on it, not yet
+    accepted, are reset), so new connections go to the live workers, and
+    the replacement gets a new socket on the same address. If that cannot
+    be bound (a port below 1024 once twistd has dropped its privileges),
+    the replacement shares a live worker's socket. An inherited
+    C{systemd:} socket is shared by all workers. A worker serving a shared
+    socket takes one connection per wake-up (L{accept_one_at_a_time}).
 
     @param reactor: C{IReactorProcess}, C{IReactorTime}.
     @param endpoint: the listener's server endpoint: a TCP one, or the
@@ -193,6 +273,12 @@ class WorkerSupervisor(Service):
         self._executable = executable
         self._port = None
         self._fd: Optional[int] = None
+        #: One listening socket per worker (L{reuse_port_sockets}), or
+        #: None; an entry is None while its worker is dead.
+        self._sockets: Optional[list] = None
+        self._backlog = 50
+        self._address: Optional[tuple] = None
+        self._family = socket.AF_INET
         self.workers: dict[int, _Worker] = {}
         self.restarts: dict[int, list[float]] = {}
         self.restarts_total = 0
@@ -208,6 +294,17 @@ class WorkerSupervisor(Service):
         # Bind before twistd drops privileges (a port below 1024).
         super().privilegedStartService()
         self._setup_metrics_dir()
+        self._sockets = reuse_port_sockets(self._endpoint, self.count)
+        if self._sockets is not None:
+            self._backlog = self._endpoint._backlog
+            self._address = self._sockets[0].getsockname()
+            self._family = self._sockets[0].family
+            _log.info(
+                "master listening on {address} with {count} sockets (SO_REUSEPORT), one per worker",
+                address=self._sockets[0].getsockname(),
+                count=self.count,
+            )
+            return
         d = self._endpoint.listen(_MasterSocket())
         failures: list = []
         d.addCallbacks(self._listening, failures.append)
@@ -216,11 +313,11 @@ class WorkerSupervisor(Service):
 
     def startService(self) -> None:
         super().startService()
-        if self._port is None:
+        if self._port is None and self._sockets is None:
             self.privilegedStartService()
         for index in range(self.count):
             self._spawn(index)
-        self.ready.callback(self._port)
+        self.ready.callback(self._port or self._sockets)
 
     def _listening(self, port) -> None:
         # The master never accepts: the workers do.
@@ -254,7 +351,16 @@ class WorkerSupervisor(Service):
         env["TXGATEWAY_MASTER_PID"] = str(os.getpid())
         # The socket's address family, so that the worker need not make a
         # socket object of the shared descriptor to learn it (adopted_endpoint).
-        env[FAMILY_VARIABLE] = str(int(self._port.socket.family))
+        if self._sockets is not None:
+            sock, shared = self._slot_socket(index)
+            if sock is None:  # try again later
+                self._pending[index] = self._reactor.callLater(MAX_RESTART_DELAY, self._spawn, index)
+                return
+            family, fd = sock.family, sock.fileno()
+        else:
+            family, fd, shared = self._port.socket.family, self._fd, True
+        env[FAMILY_VARIABLE] = str(int(family))
+        env[SHARED_VARIABLE] = "1" if shared else "0"
         worker = _Worker(self, index)
         args = [self._executable, *self._worker_args(index)]
         self._reactor.spawnProcess(
@@ -262,7 +368,7 @@ class WorkerSupervisor(Service):
             self._executable,
             args,
             env=env,
-            childFDs={0: "w", 1: 1, 2: 2, 3: self._fd},
+            childFDs={0: "w", 1: 1, 2: 2, 3: fd},
         )
         self.workers[index] = worker
         _log.info("worker {index} started, pid {pid}", index=index, pid=worker.pid)
@@ -287,6 +393,7 @@ class WorkerSupervisor(Service):
                 index=worker.index, pid=worker.pid, code=status, signal=sig,
             )
             return
+        self._leave_group(worker.index)
         now = self._reactor.seconds()
         recent = [t for t in self.restarts.get(worker.index, []) if now - t < CRASH_WINDOW]
         recent.append(now)
@@ -301,6 +408,40 @@ class WorkerSupervisor(Service):
             index=worker.index, pid=worker.pid, code=status, signal=sig, delay=delay,
         )
         self._pending[worker.index] = self._reactor.callLater(delay, self._spawn, worker.index)
+
+    def _leave_group(self, index: int) -> None:
+        """
+        Close dead worker C{index}'s socket, which takes it out of the
+        C{SO_REUSEPORT} group: new connections go to the live workers.
+        """
+        if self._sockets is None or self._sockets[index] is None:
+            return
+        self._sockets[index].close()
+        self._sockets[index] = None
+
+    def _slot_socket(self, index: int):
+        """
+        The socket for a new worker C{index}, and whether other workers
+        serve it too: its own, or a new one on the listener's address, or,
+        if that cannot be bound, a live worker's. C{(None, True)} if no
+        socket is left at all.
+        """
+        sock = self._sockets[index]
+        if sock is not None:
+            return sock, False
+        try:
+            sock = self._sockets[index] = reuse_port_socket(self._family, self._address, self._backlog)
+            return sock, False
+        except OSError as e:
+            shared = next((s for s in self._sockets if s is not None), None)
+            _log.warn(
+                "worker {index} cannot have a socket of its own on {address} ({error}): "
+                "it shares another worker's",
+                index=index, address=self._address, error=e,
+            )
+            if shared is None:
+                _log.error("no listening socket is left for worker {index}", index=index)
+            return shared, True
 
     def signal_workers(self, name: str = "HUP") -> None:
         """Send signal C{name} (C{"HUP"}, C{"TERM"}, ...) to every worker."""
@@ -330,6 +471,9 @@ class WorkerSupervisor(Service):
                 call.cancel()
         self._pending.clear()
         closing = self._port.stopListening() if self._port is not None else succeed(None)
+        for sock in self._sockets or ():
+            if sock is not None:
+                sock.close()  # a worker's copy stays open until it has drained
         workers = list(self.workers.values())
         _log.info("stopping {count} workers", count=len(workers))
         self.signal_workers("TERM")
@@ -394,10 +538,54 @@ class ParentWatch(Service):
 #: listening socket's address family (a C{socket.AF_*} number).
 FAMILY_VARIABLE = "TXGATEWAY_LISTEN_FAMILY"
 
+#: The environment variable in which the master tells a worker whether
+#: other workers serve its socket too (C{"1"}) or not (C{"0"}).
+SHARED_VARIABLE = "TXGATEWAY_LISTEN_SHARED"
+
+
+def accept_one_at_a_time(port):
+    """
+    Make a listening port accept one connection each time it is readable.
+
+    Twisted's C{tcp.Port.doRead} accepts in a loop, up to C{numberAccepts}
+    connections (100 at first, adapted to the traffic). On a socket that
+    several workers share (an inherited C{systemd:} socket, or a worker
+    that could not have one of its own), every worker waiting in
+    C{epoll_wait} is woken by a new connection, and the first to run takes
+    every connection queued by then: a client's 64 new connections went
+    64/0 and 63/1 to two workers in C{bench/workers.py}. Taking one per
+    wake-up, each worker goes back to its loop between two accepts, so
+    idle workers take turns and a busy one leaves new connections to the
+    others; it narrows the imbalance without removing it (64/0 was still
+    seen), which is why TCP listeners give each worker a socket of its
+    own (L{reuse_port_sockets}).
+
+    @param port: a listening C{twisted.internet.tcp.Port}.
+    @return: C{port}, its C{doRead} replaced on the instance.
+    """
+    do_read = port.doRead
+
+    def doRead() -> None:
+        port.numberAccepts = 1
+        do_read()
+
+    port.doRead = doRead
+    return port
+
+
+class _SharedSocketEndpoint(AdoptedStreamServerEndpoint):
+    """An adopted listening socket shared with other workers: one accept per wake-up."""
+
+    def listen(self, factory) -> Deferred:
+        return super().listen(factory).addCallback(accept_one_at_a_time)
+
 
 def adopted_endpoint(reactor, fd: int):
     """
-    The server endpoint for the listening socket inherited as C{fd}.
+    The server endpoint for the listening socket inherited as C{fd}. A
+    socket other workers serve too (L{SHARED_VARIABLE} not C{"0"}) is
+    accepted from one connection per wake-up (L{accept_one_at_a_time}); a
+    worker's own socket keeps Twisted's batches of accepts.
 
     The socket's family comes from the master (L{FAMILY_VARIABLE}). Making
     a socket object of C{fd} to ask it would, on PyPy, switch the socket
@@ -410,16 +598,17 @@ def adopted_endpoint(reactor, fd: int):
     Without the variable (a worker started by hand) the family is probed
     and the flag put back at once.
     """
-    from twisted.internet.endpoints import AdoptedStreamServerEndpoint
-
+    endpoint_type = AdoptedStreamServerEndpoint
+    if os.environ.get(SHARED_VARIABLE) != "0":
+        endpoint_type = _SharedSocketEndpoint
     family = os.environ.get(FAMILY_VARIABLE)
     if family:
-        return AdoptedStreamServerEndpoint(reactor, fd, socket.AddressFamily(int(family)))
+        return endpoint_type(reactor, fd, socket.AddressFamily(int(family)))
     probe = socket.socket(fileno=fd)
     family = probe.family
     probe.setblocking(False)
     probe.detach()
-    return AdoptedStreamServerEndpoint(reactor, fd, family)
+    return endpoint_type(reactor, fd, family)
 
 
 def count_requests(gateway, index: int) -> None:

@@ -27,7 +27,8 @@ import signal as _signal
 import socket
 
 import pytest
-from twisted.internet import defer
+import pytest_twisted
+from twisted.internet import defer, protocol
 from twisted.internet.task import Clock
 
 from gateway.reload import ConfigWatcher
@@ -416,6 +417,7 @@ from twisted.python.failure import Failure
 
 from gateway.workers import (
     FAMILY_VARIABLE,
+    SHARED_VARIABLE,
     BackendGauges,
     WorkerSupervisor,
     adopted_endpoint,
@@ -507,6 +509,7 @@ def test_supervisor_spawns_workers_on_the_shared_socket(supervised):
     assert env["TXGATEWAY_WORKER"] == "1" and "NOTIFY_SOCKET" not in env
     assert env["PROMETHEUS_MULTIPROC_DIR"] == supervisor.metrics_dir
     assert env[FAMILY_VARIABLE] == str(int(socket.AF_INET6))
+    assert env[SHARED_VARIABLE] == "1"  # (a fake endpoint: one shared socket)
     assert supervisor.ready.called
 
 
@@ -557,6 +560,168 @@ def test_worker_started_by_hand_probes_the_family_and_stays_nonblocking(listenin
     assert endpoint.addressFamily == socket.AF_INET
     assert _nonblocking(s.fileno())  # cleared and not put back by the probe on PyPy before
     os.close(shared)
+
+
+class _Counting(protocol.Factory):
+    """Counts the connections it is asked to serve; each is closed at once."""
+
+    def __init__(self):
+        self.built = 0
+
+    def buildProtocol(self, addr):
+        self.built += 1
+        return None  # the port closes the accepted socket
+
+
+def _queued_port(listening_socket, endpoint, clients):
+    """Listen on C{endpoint}, not read by the reactor, with C{clients} connections queued."""
+    factory = _Counting()
+    ports = []
+    endpoint.listen(factory).addCallback(ports.append)
+    port = ports[0]
+    port.stopReading()  # only the test calls doRead
+    address = listening_socket.getsockname()
+    # A blocking connect returns once the handshake is done: queued for accept.
+    opened = [socket.create_connection(address, timeout=5) for _ in range(clients)]
+    return port, factory, opened
+
+
+@pytest_twisted.inlineCallbacks
+def test_worker_port_accepts_one_connection_per_wake_up(listening, monkeypatch):
+    """
+    Several workers wait on one socket: each wake-up takes one connection,
+    so one worker does not take a whole burst while the others sleep.
+    """
+    from twisted.internet import reactor
+
+    s, shared = listening
+    monkeypatch.setenv(FAMILY_VARIABLE, str(int(socket.AF_INET)))
+    monkeypatch.setenv(SHARED_VARIABLE, "1")
+    port, factory, opened = _queued_port(s, adopted_endpoint(reactor, shared), 5)
+    try:
+        for expected in range(1, 6):
+            port.doRead()
+            assert factory.built == expected
+    finally:
+        yield port.stopListening()
+        for c in opened:
+            c.close()
+
+    # A worker's own socket keeps Twisted's port, which takes the whole
+    # queue at once.
+    monkeypatch.setenv(SHARED_VARIABLE, "0")
+    twisted_port, factory, opened = _queued_port(s, adopted_endpoint(reactor, os.dup(s.fileno())), 5)
+    try:
+        twisted_port.doRead()
+        assert factory.built == 5
+    finally:
+        yield twisted_port.stopListening()
+        for c in opened:
+            c.close()
+
+
+def _accept_all(sock) -> int:
+    """Accept (and close) every connection queued on C{sock}; how many."""
+    accepted = 0
+    while True:
+        try:
+            conn, _ = sock.accept()
+        except (BlockingIOError, OSError):  # OSError: not listening
+            return accepted
+        conn.close()
+        accepted += 1
+
+
+def _connect_burst(address, count):
+    """C{count} connections to C{address}, each queued for accept once this returns."""
+    return [socket.create_connection(address, timeout=5) for _ in range(count)]
+
+
+@pytest.fixture
+def reuse_port_supervised(tmp_path, monkeypatch):
+    from twisted.internet.endpoints import TCP4ServerEndpoint
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "metrics"))
+    reactor = _FakeProcessReactor()
+    endpoint = TCP4ServerEndpoint(reactor, 0, backlog=128, interface="127.0.0.1")
+    supervisor = WorkerSupervisor(reactor, endpoint, 2, lambda i: ["worker", str(i)], 5.0, executable="py")
+    supervisor.privilegedStartService()
+    supervisor.startService()
+    yield reactor, supervisor
+    if supervisor.running:
+        supervisor.stopService()
+
+
+def test_supervisor_gives_each_worker_its_own_reuse_port_socket(reuse_port_supervised):
+    """
+    A TCP listener: one socket per worker on the same address, and the
+    kernel spreads a burst of connections over them.
+    """
+    reactor, supervisor = reuse_port_supervised
+    first, second = supervisor._sockets
+    assert first.getsockname() == second.getsockname()
+    fds = [childFDs[3] for _, _, _, childFDs in reactor.spawned]
+    assert fds == [first.fileno(), second.fileno()]
+    assert [env[SHARED_VARIABLE] for _, _, env, _ in reactor.spawned] == ["0", "0"]
+    opened = _connect_burst(first.getsockname(), 64)
+    try:
+        counts = [_accept_all(first), _accept_all(second)]
+    finally:
+        for c in opened:
+            c.close()
+    # (a hash of the client ports: all 64 on one socket has odds of 2**-63)
+    assert sum(counts) == 64 and min(counts) > 0, counts
+
+
+def test_dead_workers_socket_leaves_the_group_until_replaced(reuse_port_supervised):
+    reactor, supervisor = reuse_port_supervised
+    first, second = supervisor._sockets
+    address = first.getsockname()
+    for _ in range(4):  # a crash loop: the fourth restart waits
+        _die(supervisor.workers[0])
+        call = supervisor._pending[0]
+        if call.getTime() > reactor.seconds():
+            break
+        reactor.advance(0)
+    assert supervisor._pending[0].getTime() > reactor.seconds()
+    assert first.fileno() == -1 and supervisor._sockets[0] is None  # closed: out of the group
+    opened = _connect_burst(address, 16)
+    try:
+        assert _accept_all(second) == 16
+    finally:
+        for c in opened:
+            c.close()
+    reactor.advance(supervisor._pending[0].getTime() - reactor.seconds())  # the replacement
+    replacement = supervisor._sockets[0]
+    assert replacement.getsockname() == address
+    assert supervisor.workers[0].pid == reactor.spawned[-1][0].pid
+    assert reactor.spawned[-1][3][3] == replacement.fileno()
+    opened = _connect_burst(address, 64)
+    try:
+        counts = [_accept_all(replacement), _accept_all(second)]
+    finally:
+        for c in opened:
+            c.close()
+    assert sum(counts) == 64 and min(counts) > 0, counts
+    supervisor.stopService()
+    assert replacement.fileno() == -1 and second.fileno() == -1  # closed
+
+
+def test_replacement_that_cannot_bind_shares_a_live_workers_socket(reuse_port_supervised, monkeypatch):
+    """A port below 1024 after twistd dropped its privileges: share, still serve."""
+    reactor, supervisor = reuse_port_supervised
+    second = supervisor._sockets[1]
+
+    def refuse(*args):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("gateway.workers.reuse_port_socket", refuse)
+    _die(supervisor.workers[0])
+    reactor.advance(0)
+    assert supervisor._sockets[0] is None
+    assert reactor.spawned[-1][3][3] == second.fileno()
+    assert reactor.spawned[-1][2][SHARED_VARIABLE] == "1"
+    assert supervisor.workers[0].pid == reactor.spawned[-1][0].pid
 
 
 def test_supervisor_replaces_dead_workers_with_growing_delays(supervised):

@@ -524,6 +524,31 @@ def test_workers_share_the_socket_and_merge_metrics(backends):
     assert "Traceback" not in gw.log()
 
 
+def test_workers_share_a_burst_of_connections(backends):
+    """
+    Each worker has a socket of its own on the address (SO_REUSEPORT): a
+    client's burst of new keep-alive connections is spread over both,
+    where one shared socket let one worker take them all.
+    """
+    gw = Gateway(_worker_config(backends))
+    try:
+        wait_for(lambda: gw.log().count("GatewaySite starting on") == 2, what="both workers")
+        assert "with 2 sockets (SO_REUSEPORT)" in gw.log()
+        opened = [socket.create_connection(("127.0.0.1", gw.port), timeout=5) for _ in range(32)]
+        try:
+            for conn in opened:
+                conn.sendall(b"GET /stable/x HTTP/1.1\r\nHost: t\r\n\r\n")
+            for conn in opened:
+                assert conn.recv(65536).startswith(b"HTTP/1.1 200 ")
+        finally:
+            for conn in opened:
+                conn.close()
+        served = _metric(get(gw.admin_port, "/metrics").body.decode(), "txgateway_worker_requests_total")
+        assert sum(served.values()) == 32 and len(served) == 2 and min(served.values()) > 0, served
+    finally:
+        assert gw.stop() == 0, gw.log()
+
+
 def test_dead_worker_is_replaced(backends):
     gw = Gateway(_worker_config(backends))
     try:
