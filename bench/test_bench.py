@@ -139,3 +139,50 @@ def test_gateway_rows_take_their_own_interpreter_and_environment(tmp_path):
         run.parse_args(["--gateway-python", "nosuchrow=/usr/bin/pypy3"])
     with pytest.raises(SystemExit):
         run.parse_args(["--gateway-config", f"malloc={f}", "--gateway-env", "malloc:NOEQUALS"])
+
+
+# -- bench/workers.py ----------------------------------------------------------
+
+import workers  # noqa: E402
+
+TCP_TABLE = """\
+  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 111 1 0
+   1: 0100007F:1F90 0100007F:D431 01 00000000:00000000 00:00000000 00000000     0        0 222 1 0
+   2: 0100007F:1F90 0100007F:D432 01 00000000:00000000 00:00000000 00000000     0        0 333 1 0
+   3: 0100007F:D431 0100007F:1F90 01 00000000:00000000 00:00000000 00000000     0        0 444 1 0
+   4: 0100007F:1F91 0100007F:D433 01 00000000:00000000 00:00000000 00000000     0        0 555 1 0
+"""
+
+
+def test_established_inodes_are_the_servers_side_only(tmp_path):
+    table = tmp_path / "tcp"
+    table.write_text(TCP_TABLE)
+    # port 0x1F90 = 8080: the listener (0A) and the client side (local port
+    # 0xD431) are not counted, nor another port's connection.
+    assert workers.established_inodes(8080, tables=(str(table),)) == {222, 333}
+
+
+def test_fillers_keep_the_largest_rows_demand():
+    assert [workers.fillers_for(n, 4) for n in (1, 2, 4)] == [3, 2, 0]
+
+
+def test_render_ratios_against_one_worker():
+    def row(n, rps):
+        run = {"rps": rps, "p99_ms": 10.0, "cpu_pct": [60] * n, "connections": [64 // n] * n}
+        return {"workers": n, "runs": [run], "rps": rps}
+
+    lines = workers.render([row(1, 1000), row(2, 1800)]).splitlines()
+    assert "1.00" in lines[1] and "1.80" in lines[2] and "conns 32/32" in lines[2]
+
+
+def test_workers_must_start_with_one():
+    with pytest.raises(SystemExit):
+        workers.parse_args(["--workers", "2", "4"])
+
+
+def test_workers_bench_logs_json_where_run_py_would():
+    assert workers.log_format_for([]) == "text"
+    assert workers.log_format_for(["--logger=jsonlog.observer"]) == "json"
+    with pytest.raises(ValueError):
+        workers.log_format_for(["--reactor=poll"])

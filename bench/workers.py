@@ -1,79 +1,366 @@
 #!/usr/bin/env python
 """
-Throughput of the gateway with 1 and with N worker processes (--workers),
-measured with wrk on 127.0.0.1.
+Scaling with --workers: the gateway's requests/s with 1 and with N worker
+processes, side by side in one run, in front of the bench's nginx origin.
 
-Two paths: a proxied GET to demo backends (three backend processes), and a
-request the gateway answers itself (404, no route): the second shows the
-gateway's own scaling without the backends sharing the CPUs.
+    python bench/workers.py [--workers 1 2] [--cpu-budget 0.5]
+                            [--gateway-config bench/scenarios/typical-rl.yaml]
 
-Usage: bench/workers.py [--workers 1 2] [--duration 5] [--connections 64]
-Needs wrk (apt-get install wrk).
+The gateway (master and workers) runs on --proxy-cpus, wrk and the origin
+on --load-cpu, as in bench/run.py.  On a machine with a core per worker
+and one more for the load, give each worker its own core
+(``--proxy-cpus 0-1 --load-cpu 2``) and no budget.
+
+On a smaller machine (two cores: the load needs one), --cpu-budget C gives
+every serving process a CPU budget of C cores through a cgroup of its own
+(CFS bandwidth: cgroup v1's cpu.cfs_quota_us or v2's cpu.max, which needs
+root), and keeps the proxy cores equally busy in every row: a row with
+fewer workers than the largest gets, for each missing worker, a busy loop
+with the same budget.  With ``--workers 1 2 --cpu-budget 0.5`` on one proxy
+core, the one-worker row is a worker and a busy loop at half a core each,
+the two-worker row two workers at half a core each: the question is whether
+a second worker doubles what one worker does with the same CPU.  A worker
+gets no more than its budget, so a worker with few connections shows as
+lost requests/s rather than being made up for by the others.
+
+For each row: requests/s (the median of --repeat measurements), the ratio
+to the one-worker row, p99, each serving process's CPU use and its share of
+the client connections (counted halfway through the measurement).
 """
-
-from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
-import shutil
+import statistics
+import string
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
 
-from tests.harness import Backend, Gateway, wait_for  # noqa: E402
+import procs  # noqa: E402
+import wrkrun  # noqa: E402
+from origin import Origin  # noqa: E402
+from run import directives  # noqa: E402
 
-
-def config(backends, workers: int) -> str:
-    urls = "".join(f"      - url: {b.url}\n" for b in backends)
-    return f"""
-listen: tcp:0:interface=127.0.0.1
-admin: {{listen: "tcp:0:interface=127.0.0.1"}}
-workers: {workers}
-config_poll_interval: 0
-services:
-  demo:
-    backends:
-{urls}
-routes:
-  - {{name: demo, match: {{path_prefix: /api}}, service: demo, strip_prefix: true}}
-"""
+DEFAULT_CONFIG = os.path.join(HERE, "scenarios", "filters-off.yaml")
+START_TIMEOUT = 30.0  # seconds for the gateway and all its workers to serve
 
 
-def wrk(url: str, duration: int, connections: int) -> tuple[float, str]:
-    out = subprocess.run(
-        ["wrk", "-t2", f"-c{connections}", f"-d{duration}s", url],
-        capture_output=True, text=True, timeout=duration + 30,
-    ).stdout
-    match = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    return float(match.group(1)), out
+class CpuBudgets:
+    """
+    CPU budgets for processes, one cgroup each (CFS bandwidth control).
+
+    @param period_us: the CFS period, microseconds; a process runs at most
+        C{cores * period_us} per period.  A short period spreads the
+        throttling finely (10 ms: 5 ms on, 5 ms off at half a core).
+    @raise RuntimeError: if no writable cgroup cpu controller is found.
+    """
+
+    V1 = "/sys/fs/cgroup/cpu"
+    V2 = "/sys/fs/cgroup"
+
+    def __init__(self, period_us=10_000):
+        self.period_us = period_us
+        self.paths = []
+        controllers = os.path.join(self.V2, "cgroup.controllers")
+        if os.path.exists(controllers):
+            with open(controllers) as f:
+                if "cpu" not in f.read().split():
+                    raise RuntimeError("cgroup v2 without the cpu controller")
+            self.root, self.v2 = self.V2, True
+            try:  # let child groups use the controller
+                with open(os.path.join(self.V2, "cgroup.subtree_control"), "w") as f:
+                    f.write("+cpu")
+            except OSError:
+                pass
+        elif os.path.exists(os.path.join(self.V1, "cpu.cfs_quota_us")):
+            self.root, self.v2 = self.V1, False
+        else:
+            raise RuntimeError("no cgroup cpu controller under /sys/fs/cgroup")
+
+    def limit(self, pid, cores):
+        """Put C{pid} (all its threads) in a new group of at most C{cores} CPUs."""
+        path = os.path.join(self.root, f"txgateway-bench-{os.getpid()}-{len(self.paths)}")
+        try:
+            os.mkdir(path)
+            self.paths.append(path)
+            quota = int(cores * self.period_us)
+            if self.v2:
+                self._write(path, "cpu.max", f"{quota} {self.period_us}")
+            else:
+                self._write(path, "cpu.cfs_period_us", str(self.period_us))
+                self._write(path, "cpu.cfs_quota_us", str(quota))
+            self._write(path, "cgroup.procs", str(pid))
+        except OSError as e:
+            raise RuntimeError(f"cannot set a CPU budget in {path} (root needed): {e}")
+        return path
+
+    @staticmethod
+    def _write(path, name, value):
+        with open(os.path.join(path, name), "w") as f:
+            f.write(value)
+
+    def throttled(self, path):
+        """How many periods the group's processes were throttled in so far."""
+        with open(os.path.join(path, "cpu.stat")) as f:
+            stat = dict(line.split() for line in f if line.strip())
+        return int(stat.get("nr_throttled", 0))
+
+    def remove_all(self):
+        """Remove the groups (their processes must have ended); never raises."""
+        for path in reversed(self.paths):
+            for _ in range(50):
+                try:
+                    os.rmdir(path)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:  # a process still exiting
+                    time.sleep(0.1)
+        self.paths = []
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--duration", type=int, default=5)
-    parser.add_argument("--connections", type=int, default=64)
-    args = parser.parse_args()
-    if not shutil.which("wrk"):
-        sys.exit("wrk is not installed")
-    backends = [Backend(name) for name in ("a", "b", "c")]
+def fillers_for(workers, largest):
+    """
+    How many busy loops keep the proxy cores as busy with C{workers}
+    workers as with C{largest}: one per missing worker.
+    """
+    return max(0, largest - workers)
+
+
+def established_inodes(port, tables=("/proc/net/tcp", "/proc/net/tcp6")):
+    """
+    The socket inodes of the established TCP connections whose local port
+    is C{port}, read from C{/proc/net/tcp} (and C{tcp6}).
+
+    @rtype: L{set} of L{int}
+    """
+    found = set()
+    for table in tables:
+        try:
+            with open(table) as f:
+                lines = f.readlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            # sl local_address rem_address st ... inode (field 10)
+            if len(fields) > 9 and fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                found.add(int(fields[9]))
+    return found
+
+
+def sockets_of(pid):
+    """The socket inodes among C{pid}'s open file descriptors."""
+    found = set()
+    fd_dir = f"/proc/{pid}/fd"
     try:
-        print(f"{os.cpu_count()} CPUs, wrk -t2 -c{args.connections} -d{args.duration}s")
-        for workers in args.workers:
-            gw = Gateway(config(backends, workers))
+        names = os.listdir(fd_dir)
+    except OSError:
+        return found
+    for name in names:
+        try:
+            target = os.readlink(os.path.join(fd_dir, name))
+        except OSError:
+            continue
+        m = re.match(r"socket:\[(\d+)\]$", target)
+        if m:
+            found.add(int(m.group(1)))
+    return found
+
+
+def connections_by_pid(port, pids):
+    """How many of the client connections to C{port} each of C{pids} holds."""
+    client = established_inodes(port)
+    return {pid: len(sockets_of(pid) & client) for pid in pids}
+
+
+def log_format_for(twistd_args):
+    """
+    The C{twist --log-format} for a template's C{bench-twistd-arg}s: C{json}
+    for C{--logger=jsonlog.observer} (bench/run.py's JSON lines), else
+    C{text}.
+
+    @raise ValueError: for any other twistd argument.
+    """
+    fmt = "text"
+    for arg in twistd_args:
+        if arg == "--logger=jsonlog.observer":
+            fmt = "json"
+        else:
+            raise ValueError(f"bench/workers.py runs twist, which has no {arg!r}")
+    return fmt
+
+
+def serving_processes(master, workers, log_path, deadline):
+    """
+    The processes that serve requests: the gateway itself with one worker,
+    else its workers, once every one of them has logged that it listens.
+    """
+    if workers == 1:
+        return [master.pid]
+    while True:
+        with open(log_path, errors="replace") as f:
+            # (a text line, or a JSON event with the format and its prefix)
+            listening = sum(1 for line in f if "starting on" in line and "GatewaySite" in line)
+        kids = procs._children_of(master.pid)
+        if listening >= workers and len(kids) >= workers:
+            return kids
+        if master.poll() is not None:
+            raise RuntimeError(f"the gateway exited:\n{procs.tail(log_path)}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{workers} workers did not start in time:\n{procs.tail(log_path)}")
+        time.sleep(0.1)
+
+
+def measure_row(args, tmpdir, processes, origin, workers, largest, budgets):
+    """Start the gateway with C{workers} workers, warm it up, measure it; stop it."""
+    with open(args.gateway_config) as f:
+        template = f.read()
+    port, admin = procs.free_port(), procs.free_port()
+    text = string.Template(template).safe_substitute(
+        PORT=port, ADMIN_PORT=admin, ORIGIN_URL=origin.url, ORIGIN_PORT=origin.port
+    )
+    config = os.path.join(tmpdir, f"gateway-{workers}.yaml")
+    with open(config, "w") as f:
+        f.write(text)
+    headers = [v for k, v in directives(template) if k == "header"]
+    log_format = log_format_for([v for k, v in directives(template) if k == "twistd-arg"])
+    wrk_extra = [a for h in headers for a in ("-H", h)]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, HERE, env.get("PYTHONPATH")) if p)
+    log_path = os.path.join(tmpdir, f"gateway-{workers}.log")
+    # twist, not twistd: the workers run under twist with the master's
+    # --log-format, so that every row logs alike.
+    argv = ["taskset", "-c", args.proxy_cpus, args.python, "-m", "twisted", "--log-format", log_format,
+            "gateway", "--config", config, "--workers", str(workers)]
+    gateway = processes.start(argv, f"gateway-{workers}", log_path, env=env, cwd=REPO)
+    fillers, groups = [], []
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        procs.wait_port(port, START_TIMEOUT, proc=gateway)
+        procs.wait_http(port, "/", START_TIMEOUT, proc=gateway, headers=headers)
+        serving = serving_processes(gateway, workers, log_path, deadline)
+        for _ in range(fillers_for(workers, largest) if budgets else 0):
+            fillers.append(processes.start(
+                ["taskset", "-c", args.proxy_cpus, sys.executable, "-c", "while True: pass"],
+                "busy loop", os.path.join(tmpdir, "busy.log"),
+            ))
+        if budgets:
+            groups = [budgets.limit(pid, args.cpu_budget) for pid in serving + [f.pid for f in fillers]]
+        url = f"http://127.0.0.1:{port}/"
+        if args.warmup:
+            wrkrun.run(url, args.warmup, args.connections, cpu=args.load_cpu, extra=wrk_extra)
+        runs = []
+        for _ in range(args.repeat):
+            if args.wait_quiet:
+                procs.wait_quiet(args.wait_quiet, threshold_pct=10.0 + 100.0 * len(fillers) * (args.cpu_budget or 0))
+            held = {}
+            counter = threading.Timer(args.duration / 2, lambda: held.update(connections_by_pid(port, serving)))
+            before = {pid: sum(procs.cpu_seconds(pid)) for pid in serving}
+            t0 = time.monotonic()
+            counter.start()
             try:
-                wait_for(lambda: gw.log().count("GatewaySite starting on") >= workers, what="the workers")
-                wrk(f"http://127.0.0.1:{gw.port}/api/x", 1, args.connections)  # warm up
-                proxied, _ = wrk(f"http://127.0.0.1:{gw.port}/api/x", args.duration, args.connections)
-                local, _ = wrk(f"http://127.0.0.1:{gw.port}/no-route", args.duration, args.connections)
+                result = wrkrun.run(url, args.duration, args.connections, cpu=args.load_cpu, extra=wrk_extra)
             finally:
-                gw.stop()
-            print(f"workers={workers}: proxied {proxied:8.0f} req/s   gateway-only (404) {local:8.0f} req/s")
+                counter.cancel()
+            wall = time.monotonic() - t0
+            result["cpu_pct"] = [round(100 * (sum(procs.cpu_seconds(p)) - before[p]) / wall) for p in serving]
+            result["connections"] = [held.get(p) for p in serving]
+            result.pop("raw", None)
+            runs.append(result)
+        return {
+            "workers": workers,
+            "runs": runs,
+            "rps": statistics.median(r["rps"] for r in runs),
+            "throttled": [budgets.throttled(g) for g in groups] if budgets else None,
+        }
     finally:
-        for b in backends:
-            b.stop()
+        for proc in fillers:
+            processes.stop(proc)
+        processes.stop(gateway, timeout=15.0)
+
+
+def render(rows):
+    """The table: one line per row, the ratio against the first row."""
+    base = rows[0]["rps"] if rows and rows[0]["rps"] else None
+    lines = [f"{'workers':>7}  {'req/s':>8}  {'ratio':>5}  {'p99 ms':>7}  cpu % per process; connections per process"]
+    for row in rows:
+        ratio = f"{row['rps'] / base:5.2f}" if base else "    -"
+        for i, run in enumerate(row["runs"]):
+            lead = f"{row['workers']:>7}  {row['rps']:>8.0f}  {ratio}" if i == 0 else " " * 24
+            cpu = "/".join(str(c) for c in run["cpu_pct"])
+            conns = "/".join("?" if c is None else str(c) for c in run["connections"])
+            lines.append(f"{lead}  {run.get('p99_ms') or 0:>7.1f}  {run['rps']:.0f} req/s; cpu {cpu}; conns {conns}")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--duration", type=int, default=5, help="seconds per measurement")
+    p.add_argument("--warmup", type=int, default=10, help="seconds of load before measuring")
+    p.add_argument("--repeat", type=int, default=3, help="measurements per row (median shown)")
+    p.add_argument("--connections", type=int, default=64)
+    p.add_argument("--gateway-config", default=DEFAULT_CONFIG,
+                   help="gateway YAML with bench/run.py's placeholders")
+    p.add_argument("--python", default=sys.executable, help="the gateway's interpreter")
+    p.add_argument("--proxy-cpus", default="0", help="taskset CPU list of the gateway")
+    p.add_argument("--load-cpu", type=int, default=1, help="CPU of wrk and the origin")
+    p.add_argument("--cpu-budget", type=float, default=None,
+                   help="cores per serving process (a cgroup each; root)")
+    p.add_argument("--period-us", type=int, default=10_000, help="CFS period of the budgets")
+    p.add_argument("--wait-quiet", type=float, default=10.0,
+                   help="seconds at most to wait for an idle machine before each measurement")
+    p.add_argument("--json", help="write the rows here")
+    args = p.parse_args(argv)
+    if args.workers[0] != 1:
+        p.error("--workers must start with 1 (the baseline of the ratios)")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    for tool in ("wrk", "nginx", "taskset"):
+        if not subprocess.run(["sh", "-c", f"command -v {tool}"], capture_output=True).stdout:
+            sys.exit(f"{tool} is not installed (bench/setup.sh)")
+    budgets = None
+    if args.cpu_budget is not None:
+        try:
+            budgets = CpuBudgets(args.period_us)
+        except RuntimeError as e:
+            sys.exit(str(e))
+    procs.interrupt_on_signals()
+    processes = procs.Processes()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-workers-") as tmpdir:
+        try:
+            origin = Origin(tmpdir).start(processes, cpu=args.load_cpu)
+            budget = f", {args.cpu_budget} cores each (cgroup)" if budgets else ""
+            print(f"gateway on cpus {args.proxy_cpus}{budget}; wrk -c{args.connections} and the origin "
+                  f"on cpu {args.load_cpu}; {args.warmup} s warm-up, {args.repeat} x {args.duration} s; "
+                  f"{os.path.relpath(args.gateway_config, REPO)}", flush=True)
+            for workers in args.workers:
+                rows.append(measure_row(args, tmpdir, processes, origin, workers, max(args.workers), budgets))
+                print("\n".join(render(rows).splitlines()[-len(rows[-1]["runs"]):]), flush=True)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+        finally:
+            processes.stop_all()
+            if budgets:
+                budgets.remove_all()
+    print()
+    print(render(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":
