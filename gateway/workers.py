@@ -21,7 +21,7 @@ The master:
   - replaces a worker that dies, at once the first times and then with a
     growing delay (a worker that crashes on start does not spin);
   - forwards C{SIGHUP} to the workers (each also polls the config file);
-  - on C{SIGTERM}, closes its socket, sends C{SIGTERM} to the workers,
+  - on C{SIGTERM}, closes its sockets, sends C{SIGTERM} to the workers,
     which drain (L{gateway.drain}), and waits for them, killing those
     still alive C{drain_timeout} + 10 seconds later;
   - sends the systemd readiness notifications; workers do not.
@@ -45,6 +45,7 @@ share limits and cache entries across workers.
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import shutil
@@ -167,41 +168,62 @@ class _Worker(protocol.ProcessProtocol):
 
 def reuse_port_sockets(endpoint, count: int) -> Optional[list]:
     """
-    For a TCP endpoint on a system with C{SO_REUSEPORT} (Linux 3.9+, the
-    BSDs): C{count} listening sockets bound to its address, in one
-    C{SO_REUSEPORT} group, among which the kernel spreads new connections
-    by a hash of their addresses (what nginx's C{listen ... reuseport} and
-    Envoy's listeners do). Otherwise (an inherited C{systemd:} socket, no
-    C{SO_REUSEPORT}), None: the workers share one socket.
+    For a TCP endpoint on Linux (3.9 or later): C{count} listening sockets
+    bound to its address, in one C{SO_REUSEPORT} group, among which the
+    kernel spreads new connections by a hash of their addresses (what
+    nginx's C{listen ... reuseport} and Envoy's listeners do). Otherwise
+    (an inherited C{systemd:} socket; another system, where
+    C{SO_REUSEPORT} does not spread connections), None: the workers share
+    one socket.
 
     Port 0 binds the first socket to a free port and the others to it.
+    A process already listening on the address makes this fail, as it
+    makes a single listener fail, rather than join the group (any process
+    of the same user setting C{SO_REUSEPORT} could).
 
-    @param endpoint: the listener's server endpoint (its interface, port
-        and backlog are read from C{TCP4ServerEndpoint}/C{TCP6ServerEndpoint}).
-    @return: non-blocking listening C{socket.socket}s, or None.
-    @raise OSError: if binding fails (the address is in use, say).
+    @param endpoint: the listener's server endpoint; the interface, port
+        and backlog of a C{TCP4ServerEndpoint} or C{TCP6ServerEndpoint}
+        are read from it.
+    @param count: how many sockets (workers), at least 1.
+    @return: C{count} non-blocking listening C{socket.socket}s, or None.
+    @raise OSError: if the address cannot be bound (in use, say).
     """
+    from twisted.internet.abstract import isIPv6Address
     from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 
-    if not hasattr(socket, "SO_REUSEPORT") or not isinstance(
+    if not sys.platform.startswith("linux") or not isinstance(
         endpoint, (TCP4ServerEndpoint, TCP6ServerEndpoint)
     ):
         return None
     try:
         interface, port, backlog = endpoint._interface, endpoint._port, endpoint._backlog
-    except AttributeError:  # a Twisted whose endpoints changed: share one socket
+    except AttributeError:
+        _log.warn("this Twisted's TCP endpoints changed: the workers share one socket")
         return None
-    family = socket.AF_INET6 if isinstance(endpoint, TCP6ServerEndpoint) else socket.AF_INET
-    if not interface:
-        interface = "::" if family == socket.AF_INET6 else "0.0.0.0"
+    if isinstance(endpoint, TCP6ServerEndpoint) and not interface:
+        interface = "::"
+    # As Twisted's tcp.Port chooses: by the interface's form.
+    family = socket.AF_INET6 if isIPv6Address(interface) else socket.AF_INET
+    if port:
+        # Nothing may listen there yet (bind without SO_REUSEPORT fails
+        # on a port that a listener holds, with or without it).
+        probe = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((interface, port))
+        finally:
+            probe.close()
     sockets: list = []
     try:
         for _ in range(count):
             sockets.append(reuse_port_socket(family, (interface, port), backlog))
             port = sockets[0].getsockname()[1]
-    except OSError:
+    except OSError as e:
         for sock in sockets:
             sock.close()
+        if e.errno in (errno.ENOPROTOOPT, errno.EOPNOTSUPP) and not sockets:
+            _log.warn("SO_REUSEPORT is not available ({error}): the workers share one socket", error=e)
+            return None
         raise
     return sockets
 
@@ -211,8 +233,15 @@ def reuse_port_socket(family: int, address: tuple, backlog: int):
     One non-blocking listening TCP socket on C{address}, with
     C{SO_REUSEADDR} and C{SO_REUSEPORT}.
 
-    @raise OSError: if it cannot bind (address in use, a port below 1024
-        without the privilege).
+    @param family: C{socket.AF_INET} or C{socket.AF_INET6}.
+    @param address: C{(host, port)} as C{socket.bind} takes it.
+    @param backlog: the length of its queue of connections not yet
+        accepted, in connections.
+    @return: a C{socket.socket}.
+    @raise OSError: if it cannot bind: the address is in use, or, on
+        Linux, the group's sockets belong to another user (as they do
+        once twistd has dropped its privileges), or the port is below 1024
+        without the privilege.
     """
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -229,7 +258,7 @@ def reuse_port_socket(family: int, address: tuple, backlog: int):
 
 class WorkerSupervisor(Service):
     """
-    Opens the listening socket and keeps C{count} workers serving it.
+    Opens the listening sockets and keeps C{count} workers serving them.
 
     For a TCP listener the master opens one socket per worker, in one
     C{SO_REUSEPORT} group (L{reuse_port_sockets}), and worker I{i} serves
@@ -239,11 +268,15 @@ class WorkerSupervisor(Service):
     worker in some runs. While worker I{i} is dead its socket leaves the
     group: the master closes it (the connections queued on it, not yet
     accepted, are reset), so new connections go to the live workers, and
-    the replacement gets a new socket on the same address. If that cannot
-    be bound (a port below 1024 once twistd has dropped its privileges),
-    the replacement shares a live worker's socket. An inherited
-    C{systemd:} socket is shared by all workers. A worker serving a shared
-    socket takes one connection per wake-up (L{accept_one_at_a_time}).
+    the replacement gets a new socket on the same address. Once twistd
+    has dropped its privileges (C{--uid}) no socket can join the group,
+    whose sockets belong to the user that bound them: then a dead
+    worker's socket is kept, its new connections wait for the
+    replacement, and the replacement gets it back. If a new socket cannot
+    be bound for another reason, the replacement shares a live worker's.
+    An inherited C{systemd:} socket is shared by all workers. A worker
+    serving a shared socket takes one connection per wake-up
+    (L{accept_one_at_a_time}).
 
     @param reactor: C{IReactorProcess}, C{IReactorTime}.
     @param endpoint: the listener's server endpoint: a TCP one, or the
@@ -279,6 +312,8 @@ class WorkerSupervisor(Service):
         self._backlog = 50
         self._address: Optional[tuple] = None
         self._family = socket.AF_INET
+        #: The effective user that bound the sockets.
+        self._bound_by: Optional[int] = None
         self.workers: dict[int, _Worker] = {}
         self.restarts: dict[int, list[float]] = {}
         self.restarts_total = 0
@@ -299,6 +334,7 @@ class WorkerSupervisor(Service):
             self._backlog = self._endpoint._backlog
             self._address = self._sockets[0].getsockname()
             self._family = self._sockets[0].family
+            self._bound_by = os.geteuid()
             _log.info(
                 "master listening on {address} with {count} sockets (SO_REUSEPORT), one per worker",
                 address=self._sockets[0].getsockname(),
@@ -413,18 +449,23 @@ class WorkerSupervisor(Service):
         """
         Close dead worker C{index}'s socket, which takes it out of the
         C{SO_REUSEPORT} group: new connections go to the live workers.
+        Not once the process has changed user: no new socket could join.
         """
         if self._sockets is None or self._sockets[index] is None:
+            return
+        if os.geteuid() != self._bound_by:
             return
         self._sockets[index].close()
         self._sockets[index] = None
 
-    def _slot_socket(self, index: int):
+    def _slot_socket(self, index: int) -> tuple:
         """
         The socket for a new worker C{index}, and whether other workers
         serve it too: its own, or a new one on the listener's address, or,
-        if that cannot be bound, a live worker's. C{(None, True)} if no
-        socket is left at all.
+        if that cannot be bound, a live worker's.
+
+        @return: C{(socket.socket, shared)}, or C{(None, True)} if no
+            socket is left at all.
         """
         sock = self._sockets[index]
         if sock is not None:
@@ -434,13 +475,18 @@ class WorkerSupervisor(Service):
             return sock, False
         except OSError as e:
             shared = next((s for s in self._sockets if s is not None), None)
-            _log.warn(
-                "worker {index} cannot have a socket of its own on {address} ({error}): "
-                "it shares another worker's",
-                index=index, address=self._address, error=e,
-            )
             if shared is None:
-                _log.error("no listening socket is left for worker {index}", index=index)
+                _log.error(
+                    "no listening socket is left for worker {index} ({error}): "
+                    "trying again in {delay}s",
+                    index=index, error=e, delay=MAX_RESTART_DELAY,
+                )
+            else:
+                _log.warn(
+                    "worker {index} cannot have a socket of its own on {address} ({error}): "
+                    "it shares another worker's",
+                    index=index, address=self._address, error=e,
+                )
             return shared, True
 
     def signal_workers(self, name: str = "HUP") -> None:
@@ -471,9 +517,10 @@ class WorkerSupervisor(Service):
                 call.cancel()
         self._pending.clear()
         closing = self._port.stopListening() if self._port is not None else succeed(None)
-        for sock in self._sockets or ():
+        for index, sock in enumerate(self._sockets or ()):
             if sock is not None:
                 sock.close()  # a worker's copy stays open until it has drained
+                self._sockets[index] = None
         workers = list(self.workers.values())
         _log.info("stopping {count} workers", count=len(workers))
         self.signal_workers("TERM")
@@ -597,6 +644,12 @@ def adopted_endpoint(reactor, fd: int):
     15-second stalls seen when a PyPy worker started beside another.
     Without the variable (a worker started by hand) the family is probed
     and the flag put back at once.
+
+    @param reactor: C{IReactorSocket}.
+    @param fd: the inherited listening socket's file descriptor; the
+        endpoint closes it once it has adopted (duplicated) it.
+    @return: an C{AdoptedStreamServerEndpoint}.
+    @raise ValueError: if L{FAMILY_VARIABLE} holds no address family.
     """
     endpoint_type = AdoptedStreamServerEndpoint
     if os.environ.get(SHARED_VARIABLE) != "0":

@@ -724,6 +724,67 @@ def test_replacement_that_cannot_bind_shares_a_live_workers_socket(reuse_port_su
     assert supervisor.workers[0].pid == reactor.spawned[-1][0].pid
 
 
+def test_after_a_change_of_user_a_dead_workers_socket_is_kept(reuse_port_supervised, monkeypatch):
+    """
+    Sockets of another user cannot join the group: once twistd dropped
+    its privileges the socket is kept for the replacement, not closed.
+    """
+    reactor, supervisor = reuse_port_supervised
+    first = supervisor._sockets[0]
+    monkeypatch.setattr("gateway.workers.os.geteuid", lambda: supervisor._bound_by + 1)
+    _die(supervisor.workers[0])
+    assert supervisor._sockets[0] is first and first.fileno() != -1
+    reactor.advance(0)
+    assert reactor.spawned[-1][3][3] == first.fileno()
+    assert reactor.spawned[-1][2][SHARED_VARIABLE] == "0"
+
+
+@pytest.mark.parametrize(
+    "description",
+    ["tcp6:0:interface=\\:\\:1", "tcp:0:interface=\\:\\:1", "tcp6:0", "tcp:0:interface=127.0.0.1"],
+)
+def test_reuse_port_sockets_take_the_family_of_the_interface(description):
+    """As Twisted's own TCP port: an IPv6 interface, even on tcp:, is AF_INET6."""
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import serverFromString
+
+    from gateway.workers import reuse_port_sockets
+
+    sockets = reuse_port_sockets(serverFromString(reactor, description), 2)
+    try:
+        expected = socket.AF_INET if "127.0.0.1" in description else socket.AF_INET6
+        assert [s.family for s in sockets] == [expected, expected]
+        assert sockets[0].getsockname()[1] == sockets[1].getsockname()[1] != 0
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_reuse_port_sockets_refuse_an_address_already_listened_on():
+    """A second gateway on the same port fails to start, as before, rather than join."""
+    from twisted.internet.endpoints import TCP4ServerEndpoint
+
+    from gateway.workers import reuse_port_socket, reuse_port_sockets
+
+    for taken in (socket.create_server(("127.0.0.1", 0)), reuse_port_socket(socket.AF_INET, ("127.0.0.1", 0), 5)):
+        try:
+            endpoint = TCP4ServerEndpoint(None, taken.getsockname()[1], interface="127.0.0.1")
+            with pytest.raises(OSError):
+                reuse_port_sockets(endpoint, 2)
+        finally:
+            taken.close()
+
+
+def test_reuse_port_sockets_only_on_linux(monkeypatch):
+    """Elsewhere SO_REUSEPORT need not spread connections: one shared socket."""
+    from twisted.internet.endpoints import TCP4ServerEndpoint
+
+    from gateway.workers import reuse_port_sockets
+
+    monkeypatch.setattr("gateway.workers.sys.platform", "darwin")
+    assert reuse_port_sockets(TCP4ServerEndpoint(None, 0, interface="127.0.0.1"), 2) is None
+
+
 def test_supervisor_replaces_dead_workers_with_growing_delays(supervised):
     reactor, endpoint, supervisor = supervised
     delays = []
