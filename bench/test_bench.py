@@ -186,3 +186,9 @@ def test_workers_bench_logs_json_where_run_py_would():
     assert workers.log_format_for(["--logger=jsonlog.observer"]) == "json"
     with pytest.raises(ValueError):
         workers.log_format_for(["--reactor=poll"])
+
+
+def test_workers_budget_quota_is_at_least_a_millisecond():
+    with pytest.raises(SystemExit):
+        workers.parse_args(["--cpu-budget", "0.05"])  # 500 us of a 10 ms period
+    assert workers.parse_args(["--cpu-budget", "0.1"]).cpu_budget == 0.1

@@ -69,6 +69,7 @@ class CpuBudgets:
     def __init__(self, period_us=10_000):
         self.period_us = period_us
         self.paths = []
+        self.note = ""
         controllers = os.path.join(self.V2, "cgroup.controllers")
         if os.path.exists(controllers):
             with open(controllers) as f:
@@ -78,15 +79,22 @@ class CpuBudgets:
             try:  # let child groups use the controller
                 with open(os.path.join(self.V2, "cgroup.subtree_control"), "w") as f:
                     f.write("+cpu")
-            except OSError:
-                pass
+            except OSError as e:  # (then creating cpu.max below fails and says so)
+                self.note = f"enabling cpu for child groups failed: {e}"
         elif os.path.exists(os.path.join(self.V1, "cpu.cfs_quota_us")):
             self.root, self.v2 = self.V1, False
         else:
             raise RuntimeError("no cgroup cpu controller under /sys/fs/cgroup")
 
     def limit(self, pid, cores):
-        """Put C{pid} (all its threads) in a new group of at most C{cores} CPUs."""
+        """
+        Put C{pid} (all its threads) in a new group of at most C{cores}
+        CPUs (a fraction of one, or more).
+
+        @return: the group's directory.
+        @raise RuntimeError: if the group cannot be made or set (not root,
+            a read-only cgroup file system, a quota under 1 ms per period).
+        """
         path = os.path.join(self.root, f"txgateway-bench-{os.getpid()}-{len(self.paths)}")
         try:
             os.mkdir(path)
@@ -99,7 +107,8 @@ class CpuBudgets:
                 self._write(path, "cpu.cfs_quota_us", str(quota))
             self._write(path, "cgroup.procs", str(pid))
         except OSError as e:
-            raise RuntimeError(f"cannot set a CPU budget in {path} (root needed): {e}")
+            why = f"; {self.note}" if self.note else ""
+            raise RuntimeError(f"cannot set a CPU budget in {path}: {e}{why}")
         return path
 
     @staticmethod
@@ -177,7 +186,11 @@ def sockets_of(pid):
 
 
 def connections_by_pid(port, pids):
-    """How many of the client connections to C{port} each of C{pids} holds."""
+    """
+    How many of the client connections to C{port} each of C{pids} holds.
+
+    @rtype: L{dict} of L{int} to L{int}
+    """
     client = established_inodes(port)
     return {pid: len(sockets_of(pid) & client) for pid in pids}
 
@@ -323,6 +336,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.workers[0] != 1:
         p.error("--workers must start with 1 (the baseline of the ratios)")
+    if args.cpu_budget is not None and args.cpu_budget * args.period_us < 1000:
+        p.error("--cpu-budget x --period-us must be at least 1000 (the kernel's smallest quota, 1 ms)")
     return args
 
 
