@@ -321,6 +321,22 @@ def test_tls_listener_selects_certificate_by_sni(backends, pki):
         assert gw.stop() == 0, gw.log()
 
 
+def test_tls_listener_with_workers_serves_from_each_workers_socket(backends, pki):
+    """TLS on the workers' own sockets: every worker's socket answers HTTPS."""
+    ca, directory, files = pki
+    gw = Gateway(_tls_config(backends, files, "workers: 2\ndrain_timeout: 5s"))
+    try:
+        wait_for(lambda: gw.log().count("GatewaySite (TLS) starting on") == 2, what="both workers")
+        assert "with 2 sockets (SO_REUSEPORT)" in gw.log(), gw.log()
+        for _ in range(16):  # (the kernel hashes each connection to one of them)
+            cert, _, status = _tls_get(gw.port, "api.test", files["ca"])
+            assert _names(cert) == {"api.test"} and status == b"HTTP/1.1 200 OK"
+        served = _metric(get(gw.admin_port, "/metrics").body.decode(), "txgateway_worker_requests_total")
+        assert sum(served.values()) == 16, served
+    finally:
+        assert gw.stop() == 0, gw.log()
+
+
 def test_tls_listener_offers_http2_by_alpn(backends, pki):
     pytest.importorskip("h2")
     ca, directory, files = pki
