@@ -228,15 +228,17 @@ def reuse_port_sockets(endpoint, count: int) -> Optional[list]:
     return sockets
 
 
-def reuse_port_socket(family: int, address: tuple, backlog: int):
+def reuse_port_socket(family: int, address: tuple, backlog: Optional[int]):
     """
-    One non-blocking listening TCP socket on C{address}, with
-    C{SO_REUSEADDR} and C{SO_REUSEPORT}.
+    One non-blocking TCP socket bound to C{address}, with C{SO_REUSEADDR}
+    and C{SO_REUSEPORT}, listening unless C{backlog} is None. A socket
+    bound but not listening holds the address without taking any of the
+    group's connections; C{listen} makes it a member.
 
     @param family: C{socket.AF_INET} or C{socket.AF_INET6}.
     @param address: C{(host, port)} as C{socket.bind} takes it.
     @param backlog: the length of its queue of connections not yet
-        accepted, in connections.
+        accepted, in connections; None: do not listen yet.
     @return: a C{socket.socket}.
     @raise OSError: if it cannot bind: the address is in use, or, on
         Linux, the group's sockets belong to another user (as they do
@@ -248,7 +250,8 @@ def reuse_port_socket(family: int, address: tuple, backlog: int):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address)
-        sock.listen(backlog)
+        if backlog is not None:
+            sock.listen(backlog)
         sock.setblocking(False)
     except OSError:
         sock.close()
@@ -256,25 +259,35 @@ def reuse_port_socket(family: int, address: tuple, backlog: int):
     return sock
 
 
+def _listening(sock) -> bool:
+    """Whether C{sock} listens (C{SO_ACCEPTCONN})."""
+    return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+
+
 class WorkerSupervisor(Service):
     """
     Opens the listening sockets and keeps C{count} workers serving them.
 
-    For a TCP listener the master opens one socket per worker, in one
-    C{SO_REUSEPORT} group (L{reuse_port_sockets}), and worker I{i} serves
-    socket I{i}: the kernel spreads connections evenly over the workers.
-    One shared socket, which the worker that wakes first drains of every
-    queued connection, gave a client's 64 new connections all to one
-    worker in some runs. While worker I{i} is dead its socket leaves the
-    group: the master closes it (the connections queued on it, not yet
-    accepted, are reset), so new connections go to the live workers, and
-    the replacement gets a new socket on the same address. Once twistd
-    has dropped its privileges (C{--uid}) no socket can join the group,
-    whose sockets belong to the user that bound them: then a dead
-    worker's socket is kept, its new connections wait for the
-    replacement, and the replacement gets it back. If a new socket cannot
-    be bound for another reason, the replacement shares a live worker's.
-    An inherited C{systemd:} socket is shared by all workers. A worker
+    For a TCP listener on Linux the master opens one socket per worker,
+    in one C{SO_REUSEPORT} group (L{reuse_port_sockets}), and worker I{i}
+    serves socket I{i}: the kernel spreads connections over the workers
+    by a hash of their addresses. One shared socket, which the worker
+    that wakes first drains of every queued connection, gave a client's
+    64 new connections all to one worker in some runs.
+
+    When worker I{i} dies, the master binds a new socket to the address
+    without listening (it holds the address, and takes no connection),
+    then closes the dead worker's socket, which leaves the group (the
+    connections queued on it, not yet accepted, are reset): new
+    connections go to the live workers. The new socket listens, joining
+    the group, when the replacement is started. The dead worker's socket
+    is kept instead, its new connections waiting for the replacement,
+    when it is the last socket listening (all workers dead: connections
+    queue rather than being refused) or when no new socket can be bound
+    (once twistd has dropped its privileges, C{--uid}, none can join: the
+    group's sockets belong to the user that bound them).
+
+    An inherited C{systemd:} socket is shared by all workers; a worker
     serving a shared socket takes one connection per wake-up
     (L{accept_one_at_a_time}).
 
@@ -312,8 +325,6 @@ class WorkerSupervisor(Service):
         self._backlog = 50
         self._address: Optional[tuple] = None
         self._family = socket.AF_INET
-        #: The effective user that bound the sockets.
-        self._bound_by: Optional[int] = None
         self.workers: dict[int, _Worker] = {}
         self.restarts: dict[int, list[float]] = {}
         self.restarts_total = 0
@@ -334,7 +345,6 @@ class WorkerSupervisor(Service):
             self._backlog = self._endpoint._backlog
             self._address = self._sockets[0].getsockname()
             self._family = self._sockets[0].family
-            self._bound_by = os.geteuid()
             _log.info(
                 "master listening on {address} with {count} sockets (SO_REUSEPORT), one per worker",
                 address=self._sockets[0].getsockname(),
@@ -388,8 +398,10 @@ class WorkerSupervisor(Service):
         # The socket's address family, so that the worker need not make a
         # socket object of the shared descriptor to learn it (adopted_endpoint).
         if self._sockets is not None:
-            sock, shared = self._slot_socket(index)
-            if sock is None:  # try again later
+            try:
+                sock, shared = self._slot_socket(index), False
+            except OSError:
+                _log.failure("worker {index}'s socket cannot listen: trying again later", index=index)
                 self._pending[index] = self._reactor.callLater(MAX_RESTART_DELAY, self._spawn, index)
                 return
             family, fd = sock.family, sock.fileno()
@@ -447,47 +459,39 @@ class WorkerSupervisor(Service):
 
     def _leave_group(self, index: int) -> None:
         """
-        Close dead worker C{index}'s socket, which takes it out of the
-        C{SO_REUSEPORT} group: new connections go to the live workers.
-        Not once the process has changed user: no new socket could join.
+        Take dead worker C{index}'s socket out of the C{SO_REUSEPORT}
+        group, so that new connections go to the live workers: bind its
+        successor first (not listening), then close it. Kept when it is
+        the last socket listening, or when no successor can be bound.
         """
-        if self._sockets is None or self._sockets[index] is None:
+        if self._sockets is None:
             return
-        if os.geteuid() != self._bound_by:
+        old = self._sockets[index]
+        if not any(_listening(s) for i, s in enumerate(self._sockets) if i != index):
+            return  # the last one: connections wait in its queue
+        try:
+            successor = reuse_port_socket(self._family, self._address, None)
+        except OSError as e:
+            _log.info(
+                "worker {index}'s socket stays in the group until its replacement "
+                "serves it: no new socket can be bound on {address} ({error})",
+                index=index, address=self._address, error=e,
+            )
             return
-        self._sockets[index].close()
-        self._sockets[index] = None
+        old.close()
+        self._sockets[index] = successor
 
-    def _slot_socket(self, index: int) -> tuple:
+    def _slot_socket(self, index: int):
         """
-        The socket for a new worker C{index}, and whether other workers
-        serve it too: its own, or a new one on the listener's address, or,
-        if that cannot be bound, a live worker's.
+        The socket for a new worker C{index}, listening: a successor bound
+        by L{_leave_group} listens (joins the group) now.
 
-        @return: C{(socket.socket, shared)}, or C{(None, True)} if no
-            socket is left at all.
+        @rtype: C{socket.socket}
         """
         sock = self._sockets[index]
-        if sock is not None:
-            return sock, False
-        try:
-            sock = self._sockets[index] = reuse_port_socket(self._family, self._address, self._backlog)
-            return sock, False
-        except OSError as e:
-            shared = next((s for s in self._sockets if s is not None), None)
-            if shared is None:
-                _log.error(
-                    "no listening socket is left for worker {index} ({error}): "
-                    "trying again in {delay}s",
-                    index=index, error=e, delay=MAX_RESTART_DELAY,
-                )
-            else:
-                _log.warn(
-                    "worker {index} cannot have a socket of its own on {address} ({error}): "
-                    "it shares another worker's",
-                    index=index, address=self._address, error=e,
-                )
-            return shared, True
+        if not _listening(sock):
+            sock.listen(self._backlog)
+        return sock
 
     def signal_workers(self, name: str = "HUP") -> None:
         """Send signal C{name} (C{"HUP"}, C{"TERM"}, ...) to every worker."""
@@ -517,10 +521,8 @@ class WorkerSupervisor(Service):
                 call.cancel()
         self._pending.clear()
         closing = self._port.stopListening() if self._port is not None else succeed(None)
-        for index, sock in enumerate(self._sockets or ()):
-            if sock is not None:
-                sock.close()  # a worker's copy stays open until it has drained
-                self._sockets[index] = None
+        for sock in self._sockets or ():
+            sock.close()  # each worker closes its copy when it stops listening
         workers = list(self.workers.values())
         _log.info("stopping {count} workers", count=len(workers))
         self.signal_workers("TERM")
@@ -596,8 +598,8 @@ def accept_one_at_a_time(port):
 
     Twisted's C{tcp.Port.doRead} accepts in a loop, up to C{numberAccepts}
     connections (100 at first, adapted to the traffic). On a socket that
-    several workers share (an inherited C{systemd:} socket, or a worker
-    that could not have one of its own), every worker waiting in
+    several workers share (an inherited C{systemd:} socket, or a TCP
+    listener elsewhere than Linux), every worker waiting in
     C{epoll_wait} is woken by a new connection, and the first to run takes
     every connection queued by then: a client's 64 new connections went
     64/0 and 63/1 to two workers in C{bench/workers.py}. Taking one per

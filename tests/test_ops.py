@@ -673,6 +673,10 @@ def test_supervisor_gives_each_worker_its_own_reuse_port_socket(reuse_port_super
     assert sum(counts) == 64 and min(counts) > 0, counts
 
 
+def _listens(sock) -> bool:
+    return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+
+
 def test_dead_workers_socket_leaves_the_group_until_replaced(reuse_port_supervised):
     reactor, supervisor = reuse_port_supervised
     first, second = supervisor._sockets
@@ -684,7 +688,9 @@ def test_dead_workers_socket_leaves_the_group_until_replaced(reuse_port_supervis
             break
         reactor.advance(0)
     assert supervisor._pending[0].getTime() > reactor.seconds()
-    assert first.fileno() == -1 and supervisor._sockets[0] is None  # closed: out of the group
+    assert first.fileno() == -1  # closed: out of the group
+    successor = supervisor._sockets[0]
+    assert successor.getsockname() == address and not _listens(successor)  # holds the address
     opened = _connect_burst(address, 16)
     try:
         assert _accept_all(second) == 16
@@ -692,53 +698,74 @@ def test_dead_workers_socket_leaves_the_group_until_replaced(reuse_port_supervis
         for c in opened:
             c.close()
     reactor.advance(supervisor._pending[0].getTime() - reactor.seconds())  # the replacement
-    replacement = supervisor._sockets[0]
-    assert replacement.getsockname() == address
+    assert _listens(successor)
     assert supervisor.workers[0].pid == reactor.spawned[-1][0].pid
-    assert reactor.spawned[-1][3][3] == replacement.fileno()
+    assert reactor.spawned[-1][3][3] == successor.fileno()
+    assert reactor.spawned[-1][2][SHARED_VARIABLE] == "0"
     opened = _connect_burst(address, 64)
     try:
-        counts = [_accept_all(replacement), _accept_all(second)]
+        counts = [_accept_all(successor), _accept_all(second)]
     finally:
         for c in opened:
             c.close()
     assert sum(counts) == 64 and min(counts) > 0, counts
     supervisor.stopService()
-    assert replacement.fileno() == -1 and second.fileno() == -1  # closed
+    assert successor.fileno() == -1 and second.fileno() == -1  # closed
 
 
-def test_replacement_that_cannot_bind_shares_a_live_workers_socket(reuse_port_supervised, monkeypatch):
-    """A port below 1024 after twistd dropped its privileges: share, still serve."""
+def test_the_last_listening_socket_is_kept(reuse_port_supervised):
+    """
+    With every worker dead the last socket keeps listening: new
+    connections wait in its queue for a replacement, not refused.
+    """
     reactor, supervisor = reuse_port_supervised
-    second = supervisor._sockets[1]
-
-    def refuse(*args):
-        raise PermissionError(13, "Permission denied")
-
-    monkeypatch.setattr("gateway.workers.reuse_port_socket", refuse)
-    _die(supervisor.workers[0])
-    reactor.advance(0)
-    assert supervisor._sockets[0] is None
-    assert reactor.spawned[-1][3][3] == second.fileno()
-    assert reactor.spawned[-1][2][SHARED_VARIABLE] == "1"
-    assert supervisor.workers[0].pid == reactor.spawned[-1][0].pid
+    first, second = supervisor._sockets
+    address = first.getsockname()
+    for _ in range(4):  # worker 0 in a crash loop: its restart waits
+        _die(supervisor.workers[0])
+        if supervisor._pending[0].getTime() > reactor.seconds():
+            break
+        reactor.advance(0)
+    _die(supervisor.workers[1])
+    assert supervisor._sockets[1] is second and _listens(second)
+    opened = _connect_burst(address, 8)  # queued, not refused
+    try:
+        assert _accept_all(second) == 8
+    finally:
+        for c in opened:
+            c.close()
 
 
 def test_after_a_change_of_user_a_dead_workers_socket_is_kept(reuse_port_supervised, monkeypatch):
     """
-    Sockets of another user cannot join the group: once twistd dropped
-    its privileges the socket is kept for the replacement, not closed.
+    No new socket can be bound once twistd dropped its privileges (the
+    group's sockets belong to another user): the dead worker's socket is
+    kept for its replacement, not closed.
     """
     reactor, supervisor = reuse_port_supervised
     first = supervisor._sockets[0]
-    monkeypatch.setattr("gateway.workers.os.geteuid", lambda: supervisor._bound_by + 1)
+
+    def refuse(*args):
+        raise OSError(98, "Address already in use")  # (what Linux answers then)
+
+    monkeypatch.setattr("gateway.workers.reuse_port_socket", refuse)
     _die(supervisor.workers[0])
-    assert supervisor._sockets[0] is first and first.fileno() != -1
+    assert supervisor._sockets[0] is first and _listens(first)
     reactor.advance(0)
     assert reactor.spawned[-1][3][3] == first.fileno()
     assert reactor.spawned[-1][2][SHARED_VARIABLE] == "0"
 
 
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
 @pytest.mark.parametrize(
     "description",
     ["tcp6:0:interface=\\:\\:1", "tcp:0:interface=\\:\\:1", "tcp6:0", "tcp:0:interface=127.0.0.1"],
@@ -773,6 +800,31 @@ def test_reuse_port_sockets_refuse_an_address_already_listened_on():
                 reuse_port_sockets(endpoint, 2)
         finally:
             taken.close()
+
+
+def test_reuse_port_sockets_bind_over_the_last_runs_closed_connections():
+    """
+    A restart: the old listener's connections linger (TIME_WAIT, closed by
+    the server first) and the address is taken again, as Twisted's own
+    port takes it (SO_REUSEADDR).
+    """
+    from twisted.internet.endpoints import TCP4ServerEndpoint
+
+    from gateway.workers import reuse_port_sockets
+
+    old = socket.create_server(("127.0.0.1", 0))
+    port = old.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port), timeout=5)
+    served, _ = old.accept()
+    served.close()  # the server side closes first: it is the one in TIME_WAIT
+    client.close()
+    old.close()
+    sockets = reuse_port_sockets(TCP4ServerEndpoint(None, port, interface="127.0.0.1"), 2)
+    try:
+        assert [s.getsockname()[1] for s in sockets] == [port, port]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def test_reuse_port_sockets_only_on_linux(monkeypatch):

@@ -332,7 +332,8 @@ def test_tls_listener_with_workers_serves_from_each_workers_socket(backends, pki
             cert, _, status = _tls_get(gw.port, "api.test", files["ca"])
             assert _names(cert) == {"api.test"} and status == b"HTTP/1.1 200 OK"
         served = _metric(get(gw.admin_port, "/metrics").body.decode(), "txgateway_worker_requests_total")
-        assert sum(served.values()) == 16, served
+        # (all 16 to one of two sockets: odds of 2**-15)
+        assert sum(served.values()) == 16 and len(served) == 2, served
     finally:
         assert gw.stop() == 0, gw.log()
 
