@@ -319,12 +319,10 @@ class WorkerSupervisor(Service):
         self._executable = executable
         self._port = None
         self._fd: Optional[int] = None
-        #: One listening socket per worker (L{reuse_port_sockets}), or
-        #: None; an entry is None while its worker is dead.
+        #: One socket per worker (L{reuse_port_sockets}), or None; a dead
+        #: worker's may be a successor not listening yet (L{_leave_group}).
         self._sockets: Optional[list] = None
         self._backlog = 50
-        self._address: Optional[tuple] = None
-        self._family = socket.AF_INET
         self.workers: dict[int, _Worker] = {}
         self.restarts: dict[int, list[float]] = {}
         self.restarts_total = 0
@@ -343,8 +341,6 @@ class WorkerSupervisor(Service):
         self._sockets = reuse_port_sockets(self._endpoint, self.count)
         if self._sockets is not None:
             self._backlog = self._endpoint._backlog
-            self._address = self._sockets[0].getsockname()
-            self._family = self._sockets[0].family
             _log.info(
                 "master listening on {address} with {count} sockets (SO_REUSEPORT), one per worker",
                 address=self._sockets[0].getsockname(),
@@ -398,8 +394,9 @@ class WorkerSupervisor(Service):
         # The socket's address family, so that the worker need not make a
         # socket object of the shared descriptor to learn it (adopted_endpoint).
         if self._sockets is not None:
+            shared = False
             try:
-                sock, shared = self._slot_socket(index), False
+                sock = self._slot_socket(index)
             except OSError:
                 _log.failure("worker {index}'s socket cannot listen: trying again later", index=index)
                 self._pending[index] = self._reactor.callLater(MAX_RESTART_DELAY, self._spawn, index)
@@ -470,12 +467,12 @@ class WorkerSupervisor(Service):
         if not any(_listening(s) for i, s in enumerate(self._sockets) if i != index):
             return  # the last one: connections wait in its queue
         try:
-            successor = reuse_port_socket(self._family, self._address, None)
+            successor = reuse_port_socket(old.family, old.getsockname(), None)
         except OSError as e:
             _log.info(
                 "worker {index}'s socket stays in the group until its replacement "
                 "serves it: no new socket can be bound on {address} ({error})",
-                index=index, address=self._address, error=e,
+                index=index, address=old.getsockname(), error=e,
             )
             return
         old.close()
