@@ -418,6 +418,7 @@ from twisted.python.failure import Failure
 from gateway.workers import (
     FAMILY_VARIABLE,
     SHARED_VARIABLE,
+    _listening,
     BackendGauges,
     WorkerSupervisor,
     adopted_endpoint,
@@ -632,9 +633,29 @@ def _accept_all(sock) -> int:
         accepted += 1
 
 
-def _connect_burst(address, count):
-    """C{count} connections to C{address}, each queued for accept once this returns."""
-    return [socket.create_connection(address, timeout=5) for _ in range(count)]
+def _burst(address, count, *sockets) -> list:
+    """
+    Open C{count} connections to C{address} (each queued for accept once
+    its connect returns), then accept what each of C{sockets} holds.
+
+    @return: how many each of C{sockets} accepted, in order.
+    """
+    opened = [socket.create_connection(address, timeout=5) for _ in range(count)]
+    try:
+        return [_accept_all(sock) for sock in sockets]
+    finally:
+        for c in opened:
+            c.close()
+
+
+def _crash_loop(reactor, supervisor, index: int = 0) -> None:
+    """Kill worker C{index} until its restart is delayed (a crash loop)."""
+    for _ in range(4):
+        _die(supervisor.workers[index])
+        if supervisor._pending[index].getTime() > reactor.seconds():
+            return
+        reactor.advance(0)
+    raise AssertionError("no delayed restart after four crashes")
 
 
 @pytest.fixture
@@ -663,51 +684,26 @@ def test_supervisor_gives_each_worker_its_own_reuse_port_socket(reuse_port_super
     fds = [childFDs[3] for _, _, _, childFDs in reactor.spawned]
     assert fds == [first.fileno(), second.fileno()]
     assert [env[SHARED_VARIABLE] for _, _, env, _ in reactor.spawned] == ["0", "0"]
-    opened = _connect_burst(first.getsockname(), 64)
-    try:
-        counts = [_accept_all(first), _accept_all(second)]
-    finally:
-        for c in opened:
-            c.close()
+    counts = _burst(first.getsockname(), 64, first, second)
     # (a hash of the client ports: all 64 on one socket has odds of 2**-63)
     assert sum(counts) == 64 and min(counts) > 0, counts
-
-
-def _listens(sock) -> bool:
-    return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
 
 
 def test_dead_workers_socket_leaves_the_group_until_replaced(reuse_port_supervised):
     reactor, supervisor = reuse_port_supervised
     first, second = supervisor._sockets
     address = first.getsockname()
-    for _ in range(4):  # a crash loop: the fourth restart waits
-        _die(supervisor.workers[0])
-        call = supervisor._pending[0]
-        if call.getTime() > reactor.seconds():
-            break
-        reactor.advance(0)
-    assert supervisor._pending[0].getTime() > reactor.seconds()
+    _crash_loop(reactor, supervisor)
     assert first.fileno() == -1  # closed: out of the group
     successor = supervisor._sockets[0]
-    assert successor.getsockname() == address and not _listens(successor)  # holds the address
-    opened = _connect_burst(address, 16)
-    try:
-        assert _accept_all(second) == 16
-    finally:
-        for c in opened:
-            c.close()
+    assert successor.getsockname() == address and not _listening(successor)  # holds the address
+    assert _burst(address, 16, second) == [16]
     reactor.advance(supervisor._pending[0].getTime() - reactor.seconds())  # the replacement
-    assert _listens(successor)
+    assert _listening(successor)
     assert supervisor.workers[0].pid == reactor.spawned[-1][0].pid
     assert reactor.spawned[-1][3][3] == successor.fileno()
     assert reactor.spawned[-1][2][SHARED_VARIABLE] == "0"
-    opened = _connect_burst(address, 64)
-    try:
-        counts = [_accept_all(successor), _accept_all(second)]
-    finally:
-        for c in opened:
-            c.close()
+    counts = _burst(address, 64, successor, second)
     assert sum(counts) == 64 and min(counts) > 0, counts
     supervisor.stopService()
     assert successor.fileno() == -1 and second.fileno() == -1  # closed
@@ -721,19 +717,10 @@ def test_the_last_listening_socket_is_kept(reuse_port_supervised):
     reactor, supervisor = reuse_port_supervised
     first, second = supervisor._sockets
     address = first.getsockname()
-    for _ in range(4):  # worker 0 in a crash loop: its restart waits
-        _die(supervisor.workers[0])
-        if supervisor._pending[0].getTime() > reactor.seconds():
-            break
-        reactor.advance(0)
+    _crash_loop(reactor, supervisor)  # worker 0: its restart waits
     _die(supervisor.workers[1])
-    assert supervisor._sockets[1] is second and _listens(second)
-    opened = _connect_burst(address, 8)  # queued, not refused
-    try:
-        assert _accept_all(second) == 8
-    finally:
-        for c in opened:
-            c.close()
+    assert supervisor._sockets[1] is second and _listening(second)
+    assert _burst(address, 8, second) == [8]  # queued, not refused
 
 
 def test_after_a_change_of_user_a_dead_workers_socket_is_kept(reuse_port_supervised, monkeypatch):
@@ -750,7 +737,7 @@ def test_after_a_change_of_user_a_dead_workers_socket_is_kept(reuse_port_supervi
 
     monkeypatch.setattr("gateway.workers.reuse_port_socket", refuse)
     _die(supervisor.workers[0])
-    assert supervisor._sockets[0] is first and _listens(first)
+    assert supervisor._sockets[0] is first and _listening(first)
     reactor.advance(0)
     assert reactor.spawned[-1][3][3] == first.fileno()
     assert reactor.spawned[-1][2][SHARED_VARIABLE] == "0"
