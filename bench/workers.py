@@ -244,8 +244,9 @@ def measure_row(args, tmpdir, processes, origin, workers, largest, budgets):
     config = os.path.join(tmpdir, f"gateway-{workers}.yaml")
     with open(config, "w") as f:
         f.write(text)
-    headers = [v for k, v in directives(template) if k == "header"]
-    log_format = log_format_for([v for k, v in directives(template) if k == "twistd-arg"])
+    found = directives(template)
+    headers = [v for k, v in found if k == "header"]
+    log_format = log_format_for([v for k, v in found if k == "twistd-arg"])
     wrk_extra = [a for h in headers for a in ("-H", h)]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, HERE, env.get("PYTHONPATH")) if p)
@@ -301,18 +302,25 @@ def measure_row(args, tmpdir, processes, origin, workers, largest, budgets):
         processes.stop(gateway, timeout=15.0)
 
 
+HEADER = f"{'workers':>7}  {'req/s':>8}  {'ratio':>5}  {'p99 ms':>7}  cpu % per process; connections per process"
+
+
+def row_lines(row, base):
+    """A row's lines, a measurement each, the ratio against C{base} req/s (or none)."""
+    ratio = f"{row['rps'] / base:5.2f}" if base else "    -"
+    lines = []
+    for i, run in enumerate(row["runs"]):
+        lead = f"{row['workers']:>7}  {row['rps']:>8.0f}  {ratio}" if i == 0 else " " * 24
+        cpu = "/".join(str(c) for c in run["cpu_pct"])
+        conns = "/".join("?" if c is None else str(c) for c in run["connections"])
+        lines.append(f"{lead}  {run.get('p99_ms') or 0:>7.1f}  {run['rps']:.0f} req/s; cpu {cpu}; conns {conns}")
+    return lines
+
+
 def render(rows):
-    """The table: one line per row, the ratio against the first row."""
+    """The table: one line per measurement, the ratio against the first row."""
     base = rows[0]["rps"] if rows and rows[0]["rps"] else None
-    lines = [f"{'workers':>7}  {'req/s':>8}  {'ratio':>5}  {'p99 ms':>7}  cpu % per process; connections per process"]
-    for row in rows:
-        ratio = f"{row['rps'] / base:5.2f}" if base else "    -"
-        for i, run in enumerate(row["runs"]):
-            lead = f"{row['workers']:>7}  {row['rps']:>8.0f}  {ratio}" if i == 0 else " " * 24
-            cpu = "/".join(str(c) for c in run["cpu_pct"])
-            conns = "/".join("?" if c is None else str(c) for c in run["connections"])
-            lines.append(f"{lead}  {run.get('p99_ms') or 0:>7.1f}  {run['rps']:.0f} req/s; cpu {cpu}; conns {conns}")
-    return "\n".join(lines)
+    return "\n".join([HEADER] + [line for row in rows for line in row_lines(row, base)])
 
 
 def parse_args(argv=None):
@@ -364,7 +372,7 @@ def main(argv=None):
                   f"{os.path.relpath(args.gateway_config, REPO)}", flush=True)
             for workers in args.workers:
                 rows.append(measure_row(args, tmpdir, processes, origin, workers, max(args.workers), budgets))
-                print("\n".join(render(rows).splitlines()[-len(rows[-1]["runs"]):]), flush=True)
+                print("\n".join(row_lines(rows[-1], rows[0]["rps"])), flush=True)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
         finally:
