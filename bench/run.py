@@ -261,6 +261,12 @@ def measure(ctx, url, pid, scenario):
         waited, busy = procs.wait_quiet(a.wait_quiet)
         if waited >= 2:
             log(f"waited {waited:.0f} s for a quiet machine (now {busy:.0f}% of a core busy)")
+    if a.warmup_close > 0:
+        # A new connection per request first: the measured run opens its
+        # connections anew, and a JIT warmed up on keep-alive traffic alone
+        # has not compiled the code that accepts one (docs/performance.rst).
+        wrkrun.run(url, a.warmup_close, a.connections, cpu=a.load_cpu,
+                   extra=wrk_headers(ctx) + ["-H", "Connection: close"])
     if a.warmup > 0:
         wrkrun.run(url, a.warmup, a.connections, cpu=a.load_cpu, extra=wrk_headers(ctx))
     origin_pid = ctx.origin.proc.pid
@@ -366,7 +372,7 @@ def bench_peer(ctx, peer, variant, scenarios, deadline, out):
                 continue
             try:
                 procs.wait_http(port, path, 10, expect_len=size, proc=proc, headers=ctx.headers)
-                log(f"{label}: {s}: warm-up {ctx.args.warmup}s, measure {ctx.args.duration}s")
+                log(f"{label}: {s}: warm-up {ctx.args.warmup_close}s + {ctx.args.warmup}s, measure {ctx.args.duration}s")
                 url = f"http://127.0.0.1:{port}{path}"
                 runs = [measure(ctx, url, pid, s) for _ in range(ctx.args.repeat)]
                 # The median run by requests/s (the lower middle one for an
@@ -558,6 +564,9 @@ def parse_args(argv=None):
                    help="before each measurement, wait up to SECONDS for other processes "
                    "to leave the CPUs idle (0: do not wait)")
     p.add_argument("--warmup", type=int, default=2, help="warm-up seconds before each (2)")
+    p.add_argument("--warmup-close", type=int, default=0, metavar="SECONDS",
+                   help="before the warm-up, SECONDS of requests with Connection: close, "
+                   "a new connection for each (0)")
     p.add_argument("--connections", type=int, default=64, help="wrk keep-alive connections (64)")
     p.add_argument(
         "--peers",
@@ -667,7 +676,8 @@ def main(argv=None):
         sys.exit("bench: wrk is not installed; run bench/setup.sh")
     if not nginxconf.nginx_binary():
         sys.exit("bench: nginx is not installed; run bench/setup.sh")
-    per_row = len(args.scenario_list) * (args.repeat * (args.duration + args.warmup) + 3) + 5
+    each = args.duration + args.warmup + args.warmup_close
+    per_row = len(args.scenario_list) * (args.repeat * each + 3) + 5
     planned = per_row * len(args.plan) + 10
     planned += args.wait_quiet * len(args.plan) * len(args.scenario_list) * args.repeat
     budget = args.budget or (2 * planned + 120)
@@ -721,7 +731,9 @@ def main(argv=None):
     print()
     print(
         f"txgateway bench: {args.connections} connections, {args.duration} s each "
-        f"(+{args.warmup} s warm-up)"
+        f"(+{args.warmup} s warm-up"
+        + (f" after {args.warmup_close} s of new connections" if args.warmup_close else "")
+        + ")"
         + (f", median of {args.repeat}" if args.repeat > 1 else "")
         + ", wrk 1 thread; "
         + (f"proxy on cpu {args.proxy_cpu}, wrk+origin on cpu {args.load_cpu}"
@@ -750,6 +762,7 @@ def main(argv=None):
             "options": {
                 "duration": args.duration,
                 "warmup": args.warmup,
+                "warmup_close": args.warmup_close,
                 "repeat": args.repeat,
                 "wait_quiet": args.wait_quiet,
                 "connections": args.connections,
