@@ -155,7 +155,30 @@ class Options(usage.Options):
         if self["check"]:
             print(summary(config))
             raise SystemExit(0)
+        if self["worker-fd"] is None:
+            self._check_listener(self["listen"] or config.listen)
         self.config = config
+
+    def _check_listener(self, listen: str) -> None:
+        """
+        Refuse, before anything starts, a listener that the processes to be
+        started cannot serve (as L{makeService} would, with a traceback).
+
+        @raise usage.UsageError: from L{_check_worker_endpoint} or
+            L{gateway.workers.check_inherited_group}.
+        """
+        from gateway.workers import check_inherited_group
+
+        try:
+            endpoint = serverFromString(_reactor(), with_backlog(listen))
+        except Exception:
+            return  # makeService says what is wrong with it
+        if self["workers"] > 1:
+            _check_worker_endpoint(endpoint, listen)
+        try:
+            check_inherited_group(endpoint, self["workers"])
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
 
 
 def _workers(value) -> int:
@@ -329,6 +352,8 @@ def makeService(
         (twistd's call) unless C{TXGATEWAY_GC_TUNING=off}, else none (a
         test's call, in a process it shares).
     @raise ValueError: an endpoint string cannot be parsed.
+    @raise usage.UsageError: the listener cannot be served by this many
+        workers (L{gateway.workers.check_inherited_group}).
     """
     from gateway.admin import admin_site
     from gateway.drain import Drainer
@@ -404,7 +429,13 @@ def makeService(
             count_requests(gateway, options["worker-index"])
             BackendGauges(gateway, reactor).setServiceParent(root)
     else:
+        from gateway.workers import check_inherited_group
+
         endpoint = serverFromString(reactor, with_backlog(listen))
+        try:
+            check_inherited_group(endpoint, workers)
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
 
     if is_master:
         from gateway.workers import (

@@ -264,6 +264,112 @@ def _listening(sock) -> bool:
     return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
 
 
+def _inherited_descriptors() -> list:
+    """
+    The descriptors systemd passed this process (C{LISTEN_FDS}), in order.
+
+    Twisted's C{systemd:} endpoint parser reads them once, when
+    C{twisted.internet.endpoints} is imported, and removes C{LISTEN_FDS}
+    and C{LISTEN_PID} from the environment, so they are asked of that
+    parser; a later L{ListenFDs.fromEnvironment} finds none.
+    """
+    from twisted.internet import endpoints
+    from twisted.python.systemd import ListenFDs
+
+    found = getattr(getattr(endpoints, "_SystemdParser", None), "_sddaemon", None)
+    if found is None:
+        found = ListenFDs.fromEnvironment()
+    return found.inheritedDescriptors()
+
+
+def _reuse_port_listener(fd: int) -> Optional[tuple]:
+    """
+    C{(family, address)} of descriptor C{fd} if it is a listening
+    C{SOCK_STREAM} socket with C{SO_REUSEPORT}, else None. The descriptor
+    is left open, and blocking or not as it was.
+    """
+    try:
+        blocking = os.get_blocking(fd)
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return None  # closed, or not a socket
+    try:
+        if (
+            sock.type != socket.SOCK_STREAM
+            or not _listening(sock)
+            or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)
+        ):
+            return None
+        return sock.family, sock.getsockname()
+    except OSError:
+        return None
+    finally:
+        sock.detach()
+        # PyPy's socket(fileno=...) clears O_NONBLOCK (adopted_endpoint),
+        # a flag the workers serving the socket share.
+        os.set_blocking(fd, blocking)
+
+
+def inherited_reuse_port_group(endpoint, inherited: Optional[list] = None) -> Optional[list]:
+    """
+    The listening sockets that systemd passed for the address of an
+    inherited C{systemd:} socket, when its socket unit has
+    C{ReusePort=yes} and one C{ListenStream=} line per worker for that
+    address: systemd binds each with C{SO_REUSEPORT}, the kernel spreads
+    new connections over them, and L{WorkerSupervisor} gives each worker
+    one (as it does with the sockets it binds itself for C{tcp:},
+    L{reuse_port_sockets}).
+
+    Each inherited descriptor is looked at and left as it was (open, and
+    blocking or not as it was): those kept are C{SOCK_STREAM} sockets of
+    the endpoint's family, listening, with C{SO_REUSEPORT}, bound to the
+    endpoint's address.
+
+    @param endpoint: the listener's server endpoint; anything but an
+        C{AdoptedStreamServerEndpoint} gives None.
+    @param inherited: the inherited descriptors, in systemd's order
+        (default: C{LISTEN_FDS}, through L{ListenFDs.fromEnvironment}).
+    @return: the group's descriptors (C{list} of C{int}, the endpoint's
+        among them), in the order systemd passed them; None when the
+        endpoint's socket has no C{SO_REUSEPORT} or is alone at its
+        address (one shared socket, as before).
+    """
+    if not isinstance(endpoint, AdoptedStreamServerEndpoint) or not hasattr(socket, "SO_REUSEPORT"):
+        return None
+    if inherited is None:
+        inherited = _inherited_descriptors()
+
+    own = _reuse_port_listener(endpoint.fileno)
+    if own is None or own[0] != endpoint.addressFamily:
+        return None
+    group = [fd for fd in inherited if fd == endpoint.fileno or _reuse_port_listener(fd) == own]
+    return group if len(group) > 1 else None
+
+
+def check_inherited_group(endpoint, workers: int, inherited: Optional[list] = None) -> None:
+    """
+    Refuse an inherited C{SO_REUSEPORT} group (L{inherited_reuse_port_group})
+    of another size than the number of workers: a socket of the group that
+    no process accepts from would hold its share of new connections
+    forever.
+
+    @param workers: how many processes serve the listener (1 without
+        C{--workers}).
+    @param inherited: as for L{inherited_reuse_port_group}.
+    @raise ValueError: with the address, the counts, and the remedy.
+    """
+    group = inherited_reuse_port_group(endpoint, inherited)
+    if group is not None and len(group) != workers:
+        host, port = _reuse_port_listener(group[0])[1][:2]
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise ValueError(
+            f"systemd passed {len(group)} listening sockets for {where} "
+            f"with SO_REUSEPORT (ReusePort=yes), and the kernel spreads new connections over "
+            f"all of them, but {workers} worker(s) would serve them: give the socket unit "
+            f"one ListenStream= line for that address per worker, or set workers: {len(group)}"
+        )
+
+
 class WorkerSupervisor(Service):
     """
     Opens the listening sockets and keeps C{count} workers serving them.
@@ -289,7 +395,10 @@ class WorkerSupervisor(Service):
 
     An inherited C{systemd:} socket is shared by all workers; a worker
     serving a shared socket takes one connection per wake-up
-    (L{accept_one_at_a_time}).
+    (L{accept_one_at_a_time}). When systemd passes one socket per worker
+    for the address (C{ReusePort=yes} and one C{ListenStream=} line per
+    worker: L{inherited_reuse_port_group}), worker I{i} serves socket I{i}
+    instead; a dead worker's socket is kept, since systemd holds it too.
 
     @param reactor: C{IReactorProcess}, C{IReactorTime}.
     @param endpoint: the listener's server endpoint: a TCP one, or the
@@ -322,6 +431,8 @@ class WorkerSupervisor(Service):
         #: One socket per worker (L{reuse_port_sockets}), or None; a dead
         #: worker's may be a successor not listening yet (L{_leave_group}).
         self._sockets: Optional[list] = None
+        #: Whether L{_sockets} came from systemd (L{inherited_reuse_port_group}).
+        self._inherited = False
         self._backlog = 50
         self.workers: dict[int, _Worker] = {}
         self.restarts: dict[int, list[float]] = {}
@@ -338,6 +449,23 @@ class WorkerSupervisor(Service):
         # Bind before twistd drops privileges (a port below 1024).
         super().privilegedStartService()
         self._setup_metrics_dir()
+        inherited = _inherited_descriptors()
+        group = inherited_reuse_port_group(self._endpoint, inherited)
+        if group is not None:
+            check_inherited_group(self._endpoint, self.count, inherited)
+            self._sockets = []
+            for fd in group:
+                sock = socket.socket(fileno=fd)
+                sock.setblocking(False)  # (PyPy's socket(fileno=...) cleared it)
+                self._sockets.append(sock)
+            self._inherited = True
+            _log.info(
+                "master serving {address} with the {count} sockets systemd passed "
+                "(ReusePort=yes), one per worker",
+                address=self._sockets[0].getsockname(),
+                count=self.count,
+            )
+            return
         self._sockets = reuse_port_sockets(self._endpoint, self.count)
         if self._sockets is not None:
             self._backlog = self._endpoint._backlog
@@ -461,7 +589,10 @@ class WorkerSupervisor(Service):
         successor first (not listening), then close it. Kept when it is
         the last socket listening, or when no successor can be bound.
         """
-        if self._sockets is None:
+        if self._sockets is None or self._inherited:
+            # systemd holds its own copy of an inherited socket, which stays
+            # in the group whatever the master closes: it waits for the
+            # replacement, as when no successor can be bound.
             return
         old = self._sockets[index]
         if not any(_listening(s) for i, s in enumerate(self._sockets) if i != index):

@@ -145,6 +145,23 @@ class Backend(Process):
         return json.loads(get(self.port, "/_stats").body)
 
 
+def _descriptors_from_3(fds: list):
+    """
+    A C{preexec_fn} that puts C{fds} at descriptors 3, 4, ... of the child,
+    inheritable, as systemd passes a socket unit's sockets.
+    """
+    import fcntl
+
+    def place() -> None:
+        # first above any target, so that placing one clobbers no other
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 3 + len(fds) + 64) for fd in fds]
+        for index, fd in enumerate(high):
+            os.dup2(fd, 3 + index)
+            os.close(fd)
+
+    return place
+
+
 class Gateway(Process):
     """
     A real C{twistd -n gateway} process on ephemeral ports.
@@ -153,9 +170,12 @@ class Gateway(Process):
         (L{write_config} replaces it, as an operator would).
     @param extra_args: more arguments for the gateway plugin.
     @param env_extra: more environment variables.
+    @param inherit: sockets to pass as systemd passes a socket unit's
+        (descriptors 3, 4, ... with C{LISTEN_FDS}, C{LISTEN_FDNAMES} and
+        C{LISTEN_PID}), for C{--listen systemd:...}.
     """
 
-    def __init__(self, config_text: str, extra_args=(), env_extra=None) -> None:
+    def __init__(self, config_text: str, extra_args=(), env_extra=None, inherit=()) -> None:
         fd, self.config_path = tempfile.mkstemp(prefix="gateway-", suffix=".yaml")
         with os.fdopen(fd, "w") as f:
             f.write(config_text)
@@ -164,13 +184,24 @@ class Gateway(Process):
         # Worker processes write their logs to the master's stdout.
         self.stdout_path = log_path + ".out"
         self._stdout = open(self.stdout_path, "wb")
+        argv = [TWISTD, "-n", "--pidfile=", "--logfile", log_path, "gateway",
+                "--config", self.config_path, *extra_args]
+        activation: dict = {}
+        preexec = None
+        if inherit:
+            # LISTEN_PID is twistd's own pid: the shell's, which exec keeps.
+            argv = ["sh", "-c", 'export LISTEN_PID=$$; exec "$@"', "sh", *argv]
+            activation = {"LISTEN_FDS": str(len(inherit)), "LISTEN_FDNAMES": ":".join(["http"] * len(inherit))}
+            preexec = _descriptors_from_3([sock.fileno() for sock in inherit])
         popen = subprocess.Popen(
-            [TWISTD, "-n", "--pidfile=", "--logfile", log_path, "gateway",
-             "--config", self.config_path, *extra_args],
+            argv,
             stdout=self._stdout,
             stderr=subprocess.STDOUT,
-            env={**env(), **(env_extra or {})},
+            env={**env(), **(env_extra or {}), **activation},
             cwd=ROOT,
+            # (the descriptors preexec places; Python's own are not inheritable)
+            close_fds=not inherit,
+            preexec_fn=preexec,
         )
         super().__init__(popen, log_path)
 

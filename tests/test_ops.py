@@ -824,6 +824,112 @@ def test_reuse_port_sockets_only_on_linux(monkeypatch):
     assert reuse_port_sockets(TCP4ServerEndpoint(None, 0, interface="127.0.0.1"), 2) is None
 
 
+@pytest.fixture
+def systemd_group():
+    """
+    What a socket unit with C{ReusePort=yes} and two C{ListenStream=} lines
+    for one address passes, plus what else a unit may pass: a
+    C{SO_REUSEPORT} socket on another port, a plain listener, a socket
+    not listening, a pipe.
+    """
+    from gateway.workers import reuse_port_socket
+
+    first = reuse_port_socket(socket.AF_INET, ("127.0.0.1", 0), 16)
+    second = reuse_port_socket(socket.AF_INET, first.getsockname(), 16)
+    elsewhere = reuse_port_socket(socket.AF_INET, ("127.0.0.1", 0), 16)
+    plain = socket.create_server(("127.0.0.1", 0))
+    idle = reuse_port_socket(socket.AF_INET, first.getsockname(), None)
+    read, write = os.pipe()
+    second.setblocking(True)  # left as it is found
+    others = [elsewhere, plain, idle]
+    inherited = [elsewhere.fileno(), first.fileno(), plain.fileno(), read,
+                 idle.fileno(), second.fileno()]
+    yield first, second, inherited
+    for sock in [first, second, *others]:
+        sock.close()
+    os.close(read)
+    os.close(write)
+
+
+def _adopted(sock):
+    from twisted.internet.endpoints import AdoptedStreamServerEndpoint
+
+    return AdoptedStreamServerEndpoint(None, sock.fileno(), sock.family)
+
+
+def test_inherited_reuse_port_group_is_the_sockets_of_one_address(systemd_group):
+    from gateway.workers import inherited_reuse_port_group
+
+    first, second, inherited = systemd_group
+    assert inherited_reuse_port_group(_adopted(second), inherited) == [first.fileno(), second.fileno()]
+    assert second.getblocking() and not first.getblocking()  # flags untouched
+    assert _listening(first) and _listening(second)  # and left open
+
+
+def test_inherited_socket_without_reuse_port_or_alone_is_shared(systemd_group):
+    from twisted.internet.endpoints import TCP4ServerEndpoint
+
+    from gateway.workers import inherited_reuse_port_group, reuse_port_socket
+
+    first, second, inherited = systemd_group
+    plain = socket.create_server(("127.0.0.1", 0))
+    alone = reuse_port_socket(socket.AF_INET, ("127.0.0.1", 0), 16)
+    try:
+        assert inherited_reuse_port_group(_adopted(plain), inherited + [plain.fileno()]) is None
+        assert inherited_reuse_port_group(_adopted(alone), inherited + [alone.fileno()]) is None
+        assert inherited_reuse_port_group(TCP4ServerEndpoint(None, 0), inherited) is None
+    finally:
+        plain.close()
+        alone.close()
+
+
+def test_inherited_group_of_another_size_than_the_workers_is_refused(systemd_group):
+    from gateway.workers import check_inherited_group
+
+    first, second, inherited = systemd_group
+    check_inherited_group(_adopted(first), 2, inherited)
+    for workers in (1, 3):
+        with pytest.raises(ValueError) as raised:
+            check_inherited_group(_adopted(first), workers, inherited)
+        message = str(raised.value)
+        assert "2 listening sockets for 127.0.0.1:%d" % first.getsockname()[1] in message
+        assert f"but {workers} worker(s)" in message and "ListenStream=" in message
+
+
+def test_supervisor_gives_each_worker_a_socket_systemd_passed(systemd_group, tmp_path, monkeypatch):
+    """
+    ReusePort=yes with a ListenStream= line per worker: worker i serves
+    socket i, and a dead worker's socket is kept for its replacement
+    (systemd holds it too: closing the master's copy would not take it
+    out of the group).
+    """
+    first, second, inherited = systemd_group
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "metrics"))
+    monkeypatch.setattr("gateway.workers._inherited_descriptors", lambda: inherited)
+    reactor = _FakeProcessReactor()
+    endpoint = _adopted(first)
+    # the master's objects own the descriptors now (as systemd's are the master's)
+    fds = [os.dup(first.fileno()), os.dup(second.fileno())]
+    inherited[inherited.index(first.fileno())] = endpoint.fileno = fds[0]
+    inherited[inherited.index(second.fileno())] = fds[1]
+    supervisor = WorkerSupervisor(reactor, endpoint, 2, lambda i: ["worker", str(i)], 5.0, executable="py")
+    supervisor.privilegedStartService()
+    supervisor.startService()
+    try:
+        assert [s.fileno() for s in supervisor._sockets] == fds
+        assert [spawned[3][3] for spawned in reactor.spawned] == fds
+        assert [spawned[2][SHARED_VARIABLE] for spawned in reactor.spawned] == ["0", "0"]
+        assert not supervisor._sockets[1].getblocking()
+        _crash_loop(reactor, supervisor)
+        assert supervisor._sockets[0].fileno() == fds[0] and _listening(supervisor._sockets[0])
+        reactor.advance(supervisor._pending[0].getTime() - reactor.seconds())
+        assert reactor.spawned[-1][3][3] == fds[0]
+    finally:
+        supervisor.stopService()
+    assert [s.fileno() for s in supervisor._sockets] == [-1, -1]  # the master's copies closed
+    assert _listening(first) and _listening(second)  # "systemd's" stay
+
+
 def test_supervisor_replaces_dead_workers_with_growing_delays(supervised):
     reactor, endpoint, supervisor = supervised
     delays = []

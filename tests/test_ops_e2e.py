@@ -636,6 +636,66 @@ def test_workers_refuse_an_endpoint_they_cannot_share(backends):
         Gateway(_worker_config(backends), extra_args=["--listen", "unix:/tmp/txgateway-test.sock"])
 
 
+def _reuse_port_pair() -> list:
+    """Two listening sockets on one address, as ReusePort=yes and two ListenStream= lines make."""
+    from gateway.workers import reuse_port_socket
+
+    first = reuse_port_socket(socket.AF_INET, ("127.0.0.1", 0), 64)
+    return [first, reuse_port_socket(socket.AF_INET, first.getsockname(), 64)]
+
+
+def test_workers_serve_a_socket_each_that_systemd_passed(backends):
+    """
+    A socket unit with ReusePort=yes and a ListenStream= line per worker:
+    worker i serves socket i, and a burst of new connections is spread
+    over both, as with the sockets the master binds for tcp:.
+    """
+    sockets = _reuse_port_pair()
+    try:
+        gw = Gateway(_worker_config(backends), extra_args=["--listen", "systemd:domain=INET:index=0"],
+                     inherit=sockets)
+        try:
+            wait_for(lambda: gw.log().count("GatewaySite starting on") == 2, what="both workers")
+            assert "with the 2 sockets systemd passed (ReusePort=yes)" in gw.log(), gw.log()[-3000:]
+            opened = [socket.create_connection(sockets[0].getsockname(), timeout=5) for _ in range(32)]
+            try:
+                for conn in opened:
+                    conn.sendall(b"GET /stable/x HTTP/1.1\r\nHost: t\r\n\r\n")
+                for conn in opened:
+                    assert conn.recv(65536).startswith(b"HTTP/1.1 200 ")
+            finally:
+                for conn in opened:
+                    conn.close()
+            served = _metric(get(gw.admin_port, "/metrics").body.decode(), "txgateway_worker_requests_total")
+            assert sum(served.values()) == 32 and len(served) == 2 and min(served.values()) > 0, served
+        finally:
+            assert gw.stop() == 0, gw.log()
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_a_socket_group_for_another_number_of_workers_is_refused(backends, workers):
+    """
+    Two sockets in the group and one or three workers: a socket nobody
+    accepts from would keep its share of connections waiting forever, so
+    the gateway does not start, and says why.
+    """
+    sockets = _reuse_port_pair()
+    try:
+        config = _two_services(backends, _ROUTES_A, f"workers: {workers}")
+        with pytest.raises(RuntimeError) as raised:
+            Gateway(config, extra_args=["--listen", "systemd:domain=INET:index=0"], inherit=sockets)
+        message = str(raised.value)
+        assert f"systemd passed 2 listening sockets for 127.0.0.1:{sockets[0].getsockname()[1]}" in message
+        assert f"but {workers} worker(s) would serve them" in message
+        assert "Traceback" not in message
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 # --- systemd ---------------------------------------------------------------------------
 
 ETC = os.path.join(harness.ROOT, "etc")
