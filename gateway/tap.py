@@ -150,7 +150,8 @@ class Options(usage.Options):
         if self["listen"]:
             try:
                 serverFromString(_reactor(), self["listen"])
-            except (ValueError, KeyError, TypeError) as e:
+            except (ValueError, KeyError, TypeError, IndexError) as e:
+                # (IndexError: a systemd: index that nothing was passed for)
                 raise usage.UsageError(f"--listen: bad endpoint {self['listen']!r}: {e}")
         if self["check"]:
             print(summary(config))
@@ -169,6 +170,8 @@ class Options(usage.Options):
         """
         from gateway.workers import check_inherited_group
 
+        if self["workers"] <= 1 and not listen.startswith("systemd:"):
+            return  # (nothing to check: not parsed twice)
         try:
             endpoint = serverFromString(_reactor(), with_backlog(listen))
         except Exception:

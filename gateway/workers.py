@@ -271,15 +271,14 @@ def _inherited_descriptors() -> list:
     Twisted's C{systemd:} endpoint parser reads them once, when
     C{twisted.internet.endpoints} is imported, and removes C{LISTEN_FDS}
     and C{LISTEN_PID} from the environment, so they are asked of that
-    parser; a later L{ListenFDs.fromEnvironment} finds none.
+    parser (a private attribute, the same from Twisted 12 to 26); without
+    it, none are found, and L{inherited_reuse_port_group} refuses a
+    socket with C{SO_REUSEPORT} rather than guess.
     """
     from twisted.internet import endpoints
-    from twisted.python.systemd import ListenFDs
 
     found = getattr(getattr(endpoints, "_SystemdParser", None), "_sddaemon", None)
-    if found is None:
-        found = ListenFDs.fromEnvironment()
-    return found.inheritedDescriptors()
+    return found.inheritedDescriptors() if found is not None else []
 
 
 def _reuse_port_listener(fd: int) -> Optional[tuple]:
@@ -328,11 +327,15 @@ def inherited_reuse_port_group(endpoint, inherited: Optional[list] = None) -> Op
     @param endpoint: the listener's server endpoint; anything but an
         C{AdoptedStreamServerEndpoint} gives None.
     @param inherited: the inherited descriptors, in systemd's order
-        (default: C{LISTEN_FDS}, through L{ListenFDs.fromEnvironment}).
+        (default: L{_inherited_descriptors}).
     @return: the group's descriptors (C{list} of C{int}, the endpoint's
         among them), in the order systemd passed them; None when the
         endpoint's socket has no C{SO_REUSEPORT} or is alone at its
         address (one shared socket, as before).
+    @raise ValueError: the endpoint's socket has C{SO_REUSEPORT} but the
+        others cannot be looked at (it is not among C{inherited}), or its
+        family is not the endpoint's C{domain}: sharing it could leave
+        sockets of its group that nobody serves.
     """
     if not isinstance(endpoint, AdoptedStreamServerEndpoint) or not hasattr(socket, "SO_REUSEPORT"):
         return None
@@ -340,13 +343,23 @@ def inherited_reuse_port_group(endpoint, inherited: Optional[list] = None) -> Op
         inherited = _inherited_descriptors()
 
     own = _reuse_port_listener(endpoint.fileno)
-    if own is None or own[0] != endpoint.addressFamily:
+    if own is None:
         return None
+    if own[0] != endpoint.addressFamily:
+        raise ValueError(
+            f"the inherited socket is {own[0].name}, not {socket.AddressFamily(endpoint.addressFamily).name} "
+            f"as the systemd: listener's domain says"
+        )
+    if endpoint.fileno not in inherited:
+        raise ValueError(
+            f"the inherited socket {endpoint.fileno} has SO_REUSEPORT (ReusePort=yes), but "
+            f"the descriptors systemd passed cannot be listed to find the others of its group"
+        )
     group = [fd for fd in inherited if fd == endpoint.fileno or _reuse_port_listener(fd) == own]
     return group if len(group) > 1 else None
 
 
-def check_inherited_group(endpoint, workers: int, inherited: Optional[list] = None) -> None:
+def check_inherited_group(endpoint, workers: int, inherited: Optional[list] = None) -> Optional[list]:
     """
     Refuse an inherited C{SO_REUSEPORT} group (L{inherited_reuse_port_group})
     of another size than the number of workers: a socket of the group that
@@ -356,7 +369,9 @@ def check_inherited_group(endpoint, workers: int, inherited: Optional[list] = No
     @param workers: how many processes serve the listener (1 without
         C{--workers}).
     @param inherited: as for L{inherited_reuse_port_group}.
-    @raise ValueError: with the address, the counts, and the remedy.
+    @return: the group, or None (L{inherited_reuse_port_group}).
+    @raise ValueError: with the address, the counts, and the remedy; or
+        from L{inherited_reuse_port_group}.
     """
     group = inherited_reuse_port_group(endpoint, inherited)
     if group is not None and len(group) != workers:
@@ -366,8 +381,10 @@ def check_inherited_group(endpoint, workers: int, inherited: Optional[list] = No
             f"systemd passed {len(group)} listening sockets for {where} "
             f"with SO_REUSEPORT (ReusePort=yes), and the kernel spreads new connections over "
             f"all of them, but {workers} worker(s) would serve them: give the socket unit "
-            f"one ListenStream= line for that address per worker, or set workers: {len(group)}"
+            f"one ListenStream= line for that address per worker, or run {len(group)} workers "
+            f"(--workers or workers:)"
         )
+    return group
 
 
 class WorkerSupervisor(Service):
@@ -449,10 +466,8 @@ class WorkerSupervisor(Service):
         # Bind before twistd drops privileges (a port below 1024).
         super().privilegedStartService()
         self._setup_metrics_dir()
-        inherited = _inherited_descriptors()
-        group = inherited_reuse_port_group(self._endpoint, inherited)
+        group = check_inherited_group(self._endpoint, self.count)
         if group is not None:
-            check_inherited_group(self._endpoint, self.count, inherited)
             self._sockets = []
             for fd in group:
                 sock = socket.socket(fileno=fd)

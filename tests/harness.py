@@ -145,21 +145,26 @@ class Backend(Process):
         return json.loads(get(self.port, "/_stats").body)
 
 
-def _descriptors_from_3(fds: list):
-    """
-    A C{preexec_fn} that puts C{fds} at descriptors 3, 4, ... of the child,
-    inheritable, as systemd passes a socket unit's sockets.
-    """
-    import fcntl
-
-    def place() -> None:
-        # first above any target, so that placing one clobbers no other
-        high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 3 + len(fds) + 64) for fd in fds]
-        for index, fd in enumerate(high):
-            os.dup2(fd, 3 + index)
-            os.close(fd)
-
-    return place
+#: Run as C{python -c _ACTIVATE N FD... PROGRAM ARGS...}: put the N
+#: descriptors at 3, 4, ... (inheritable), set C{LISTEN_PID} to this
+#: process's pid and exec the program, which keeps that pid: as systemd
+#: starts a socket-activated service.
+_ACTIVATE = """
+import fcntl, os, sys
+count = int(sys.argv[1])
+fds = [int(fd) for fd in sys.argv[2:2 + count]]
+program = sys.argv[2 + count:]
+# first above every target, so that placing one clobbers no other
+high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 3 + count + 64) for fd in fds]
+for fd in fds:
+    if fd >= 3 + count:
+        os.close(fd)
+for index, fd in enumerate(high):
+    os.dup2(fd, 3 + index)
+    os.close(fd)
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.execv(program[0], program)
+"""
 
 
 class Gateway(Process):
@@ -187,21 +192,17 @@ class Gateway(Process):
         argv = [TWISTD, "-n", "--pidfile=", "--logfile", log_path, "gateway",
                 "--config", self.config_path, *extra_args]
         activation: dict = {}
-        preexec = None
-        if inherit:
-            # LISTEN_PID is twistd's own pid: the shell's, which exec keeps.
-            argv = ["sh", "-c", 'export LISTEN_PID=$$; exec "$@"', "sh", *argv]
-            activation = {"LISTEN_FDS": str(len(inherit)), "LISTEN_FDNAMES": ":".join(["http"] * len(inherit))}
-            preexec = _descriptors_from_3([sock.fileno() for sock in inherit])
+        passed = [sock.fileno() for sock in inherit]
+        if passed:
+            argv = [sys.executable, "-c", _ACTIVATE, str(len(passed)), *map(str, passed), *argv]
+            activation = {"LISTEN_FDS": str(len(passed)), "LISTEN_FDNAMES": ":".join(["http"] * len(passed))}
         popen = subprocess.Popen(
             argv,
             stdout=self._stdout,
             stderr=subprocess.STDOUT,
             env={**env(), **(env_extra or {}), **activation},
             cwd=ROOT,
-            # (the descriptors preexec places; Python's own are not inheritable)
-            close_fds=not inherit,
-            preexec_fn=preexec,
+            pass_fds=passed,
         )
         super().__init__(popen, log_path)
 

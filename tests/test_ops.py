@@ -840,7 +840,7 @@ def systemd_group():
     plain = socket.create_server(("127.0.0.1", 0))
     idle = reuse_port_socket(socket.AF_INET, first.getsockname(), None)
     read, write = os.pipe()
-    second.setblocking(True)  # left as it is found
+    os.set_blocking(second.fileno(), True)  # left as it is found
     others = [elsewhere, plain, idle]
     inherited = [elsewhere.fileno(), first.fileno(), plain.fileno(), read,
                  idle.fileno(), second.fileno()]
@@ -857,13 +857,41 @@ def _adopted(sock):
     return AdoptedStreamServerEndpoint(None, sock.fileno(), sock.family)
 
 
-def test_inherited_reuse_port_group_is_the_sockets_of_one_address(systemd_group):
+@pytest.fixture
+def pypy_sockets(monkeypatch):
+    """socket.socket(fileno=...) clearing the descriptor's O_NONBLOCK, as PyPy's does."""
+    real = socket.socket
+
+    def like_pypy(*args, **kwargs):
+        sock = real(*args, **kwargs)
+        if kwargs.get("fileno") is not None:
+            os.set_blocking(kwargs["fileno"], True)
+        return sock
+
+    monkeypatch.setattr(socket, "socket", like_pypy)
+
+
+def test_inherited_reuse_port_group_is_the_sockets_of_one_address(systemd_group, pypy_sockets):
     from gateway.workers import inherited_reuse_port_group
 
     first, second, inherited = systemd_group
     assert inherited_reuse_port_group(_adopted(second), inherited) == [first.fileno(), second.fileno()]
-    assert second.getblocking() and not first.getblocking()  # flags untouched
+    # each descriptor blocking or not as it was (the workers share the flag)
+    assert os.get_blocking(second.fileno()) and not os.get_blocking(first.fileno())
     assert _listening(first) and _listening(second)  # and left open
+
+
+def test_an_inherited_reuse_port_socket_whose_group_cannot_be_found_is_refused(systemd_group):
+    """Not shared as if alone: the others of its group would hold their connections."""
+    from gateway.workers import inherited_reuse_port_group
+
+    first, second, inherited = systemd_group
+    with pytest.raises(ValueError, match="descriptors systemd passed cannot be listed"):
+        inherited_reuse_port_group(_adopted(first), [])
+    with pytest.raises(ValueError, match="the inherited socket is AF_INET, not AF_INET6"):
+        from twisted.internet.endpoints import AdoptedStreamServerEndpoint
+
+        inherited_reuse_port_group(AdoptedStreamServerEndpoint(None, first.fileno(), socket.AF_INET6), inherited)
 
 
 def test_inherited_socket_without_reuse_port_or_alone_is_shared(systemd_group):
@@ -896,7 +924,7 @@ def test_inherited_group_of_another_size_than_the_workers_is_refused(systemd_gro
         assert f"but {workers} worker(s)" in message and "ListenStream=" in message
 
 
-def test_supervisor_gives_each_worker_a_socket_systemd_passed(systemd_group, tmp_path, monkeypatch):
+def test_supervisor_gives_each_worker_a_socket_systemd_passed(systemd_group, tmp_path, monkeypatch, pypy_sockets):
     """
     ReusePort=yes with a ListenStream= line per worker: worker i serves
     socket i, and a dead worker's socket is kept for its replacement
@@ -919,7 +947,7 @@ def test_supervisor_gives_each_worker_a_socket_systemd_passed(systemd_group, tmp
         assert [s.fileno() for s in supervisor._sockets] == fds
         assert [spawned[3][3] for spawned in reactor.spawned] == fds
         assert [spawned[2][SHARED_VARIABLE] for spawned in reactor.spawned] == ["0", "0"]
-        assert not supervisor._sockets[1].getblocking()
+        assert not os.get_blocking(fds[1])  # (the fixture made it blocking)
         _crash_loop(reactor, supervisor)
         assert supervisor._sockets[0].fileno() == fds[0] and _listening(supervisor._sockets[0])
         reactor.advance(supervisor._pending[0].getTime() - reactor.seconds())
