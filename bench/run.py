@@ -400,6 +400,34 @@ def bench_peer(ctx, peer, variant, scenarios, deadline, out):
     return rows
 
 
+def median_over_processes(each_process):
+    """
+    One row per scenario from the rows of several processes of one peer:
+    the one with the median requests/s (the lower middle one for an even
+    count), with C{processes} (every process's requests/s, in order) and
+    the most C{errors} of any. A JIT's speed differs from one process to
+    the next (PyPy's typical chain: 12,600-19,900 req/s over ten processes
+    on one day), which one process per row leaves to chance.
+
+    @param each_process: for each process, its rows (L{bench_peer}), one
+        per scenario, in the same order.
+    @return: a L{list} of row dicts, one per scenario.
+    """
+    merged = []
+    for rows in zip(*each_process):
+        measured = sorted((r for r in rows if r.get("rps")), key=lambda r: r["rps"])
+        if not measured:
+            merged.append(dict(rows[0]))
+            continue
+        row = dict(measured[(len(measured) - 1) // 2])
+        row["processes"] = [r.get("rps") for r in rows]
+        row["errors"] = max(r.get("errors") or 0 for r in measured)
+        if row["errors"] and row.get("status") == "ok":
+            row["status"] = "errors"
+        merged.append(row)
+    return merged
+
+
 SCENARIOS = {
     "small": lambda ctx: ("/", len(SMALL_BODY)),
     "large": lambda ctx: ("/large", ctx.origin.large_size),
@@ -558,6 +586,9 @@ def parse_args(argv=None):
         "ReverseProxyResource (and Go) in front of one nginx origin."
     )
     p.add_argument("--duration", type=int, default=10, help="seconds per measurement (10)")
+    p.add_argument("--processes", type=int, default=1, metavar="N",
+                   help="start each peer N times, all scenarios in each; the process with "
+                   "the median req/s is shown (1)")
     p.add_argument("--repeat", type=int, default=1,
                    help="measurements per peer and scenario; the median by req/s is shown (1)")
     p.add_argument("--wait-quiet", type=int, default=0, metavar="SECONDS",
@@ -610,6 +641,8 @@ def parse_args(argv=None):
         "(default: twice the planned time plus 2 minutes)",
     )
     args = p.parse_args(argv)
+    if args.processes < 1 or args.repeat < 1:
+        p.error("--processes and --repeat take a number of at least 1")
 
     peers = [x.strip() for x in args.peers.split(",") if x.strip()]
     unknown = set(peers) - set(ALL_PEERS)
@@ -677,9 +710,9 @@ def main(argv=None):
     if not nginxconf.nginx_binary():
         sys.exit("bench: nginx is not installed; run bench/setup.sh")
     each = args.duration + args.warmup + args.warmup_close
-    per_row = len(args.scenario_list) * (args.repeat * each + 3) + 5
+    per_row = (len(args.scenario_list) * (args.repeat * each + 3) + 5) * args.processes
     planned = per_row * len(args.plan) + 10
-    planned += args.wait_quiet * len(args.plan) * len(args.scenario_list) * args.repeat
+    planned += args.wait_quiet * len(args.plan) * len(args.scenario_list) * args.repeat * args.processes
     budget = args.budget or (2 * planned + 120)
     started = time.monotonic()
     deadline = started + budget
@@ -702,7 +735,14 @@ def main(argv=None):
         origin.start(processes, cpu=args.load_cpu)
         ctx = Context(args, tmpdir, processes, origin)
         for peer, variant in args.plan:
-            bench_peer(ctx, peer, variant, args.scenario_list, deadline, rows)
+            if args.processes == 1:
+                bench_peer(ctx, peer, variant, args.scenario_list, deadline, rows)
+                continue
+            each_process = []
+            for _ in range(args.processes):
+                each_process.append([])
+                bench_peer(ctx, peer, variant, args.scenario_list, deadline, each_process[-1])
+            rows.extend(median_over_processes(each_process))
     except KeyboardInterrupt:
         interrupted = True
         log("interrupted: stopping everything")
@@ -735,6 +775,7 @@ def main(argv=None):
         + (f" after {args.warmup_close} s of new connections" if args.warmup_close else "")
         + ")"
         + (f", median of {args.repeat}" if args.repeat > 1 else "")
+        + (f", median of {args.processes} processes" if args.processes > 1 else "")
         + ", wrk 1 thread; "
         + (f"proxy on cpu {args.proxy_cpu}, wrk+origin on cpu {args.load_cpu}"
            if args.pinned else "not pinned")
@@ -744,6 +785,10 @@ def main(argv=None):
     print()
     for line in summary(rows, baselines):
         print(line)
+    for row in rows:
+        if row.get("processes"):
+            each = ", ".join("-" if r is None else f"{r:.0f}" for r in row["processes"])
+            print(f"{row['label']} ({row['scenario']}), each process: {each} req/s")
     if any(r.get("errors") for r in rows):
         print("! = the run had non-2xx responses or socket errors: not comparable")
     if any(load_bound(r) for r in rows if r["peer"] != "direct"):
@@ -764,6 +809,7 @@ def main(argv=None):
                 "warmup": args.warmup,
                 "warmup_close": args.warmup_close,
                 "repeat": args.repeat,
+                "processes": args.processes,
                 "wait_quiet": args.wait_quiet,
                 "connections": args.connections,
                 "scenarios": args.scenario_list,

@@ -104,6 +104,30 @@ def test_no_gateway_no_ratio():
     assert run.summary(rows, {}) == ["gateway/nginx (small): n/a (gateway: not available)"]
 
 
+def test_median_over_processes_takes_each_scenarios_middle_process():
+    def row(scenario, rps, errors=0):
+        return {"peer": "gateway", "scenario": scenario, "rps": rps, "errors": errors,
+                "status": "ok" if not errors else "errors"}
+
+    each = [
+        [row("small", 14000), row("large", 900)],
+        [row("small", 19000), row("large", 1000, errors=3)],
+        [row("small", 15000), {"peer": "gateway", "scenario": "large", "status": "error: x"}],
+    ]
+    small, large = run.median_over_processes(each)
+    assert small["rps"] == 15000 and small["processes"] == [14000, 19000, 15000]
+    # an even count of measured processes: the lower middle one; the worst errors
+    assert large["rps"] == 900 and large["processes"] == [900, 1000, None]
+    assert large["errors"] == 3 and large["status"] == "errors"
+    failed = run.median_over_processes([[{"scenario": "small", "status": "error: y"}]] * 2)
+    assert failed == [{"scenario": "small", "status": "error: y"}]
+
+
+def test_processes_and_repeat_must_be_positive():
+    with pytest.raises(SystemExit):
+        run.parse_args(["--processes", "0"])
+
+
 def test_plan_puts_variants_after_gateway(tmp_path):
     f = tmp_path / "on.yaml"
     f.write_text("listen: tcp:${PORT}\n")
