@@ -372,7 +372,8 @@ def bench_peer(ctx, peer, variant, scenarios, deadline, out):
                 continue
             try:
                 procs.wait_http(port, path, 10, expect_len=size, proc=proc, headers=ctx.headers)
-                log(f"{label}: {s}: warm-up {ctx.args.warmup_close}s + {ctx.args.warmup}s, measure {ctx.args.duration}s")
+                close = f"{ctx.args.warmup_close}s new connections + " if ctx.args.warmup_close else ""
+                log(f"{label}: {s}: warm-up {close}{ctx.args.warmup}s, measure {ctx.args.duration}s")
                 url = f"http://127.0.0.1:{port}{path}"
                 runs = [measure(ctx, url, pid, s) for _ in range(ctx.args.repeat)]
                 # The median run by requests/s (the lower middle one for an
@@ -404,8 +405,11 @@ def median_over_processes(each_process):
     """
     One row per scenario from the rows of several processes of one peer:
     the one with the median requests/s (the lower middle one for an even
-    count), with C{processes} (every process's requests/s, in order) and
-    the most C{errors} of any. A JIT's speed differs from one process to
+    count), with C{processes} (every process's requests/s, in order, None
+    where it has none), C{process_status} (every process's status) and
+    C{errors} the most of any process (so a row is marked if any process
+    had errors; C{non_2xx} and C{socket_errors} stay the median
+    process's). A JIT's speed differs from one process to
     the next (PyPy's typical chain: 12,600-19,900 req/s over ten processes
     on one day), which one process per row leaves to chance.
 
@@ -421,6 +425,7 @@ def median_over_processes(each_process):
             continue
         row = dict(measured[(len(measured) - 1) // 2])
         row["processes"] = [r.get("rps") for r in rows]
+        row["process_status"] = [r.get("status", "interrupted") for r in rows]
         row["errors"] = max(r.get("errors") or 0 for r in measured)
         if row["errors"] and row.get("status") == "ok":
             row["status"] = "errors"
@@ -735,14 +740,19 @@ def main(argv=None):
         origin.start(processes, cpu=args.load_cpu)
         ctx = Context(args, tmpdir, processes, origin)
         for peer, variant in args.plan:
-            if args.processes == 1:
+            # ("direct" starts no process: measured once)
+            if args.processes == 1 or peer == "direct":
                 bench_peer(ctx, peer, variant, args.scenario_list, deadline, rows)
                 continue
-            each_process = []
-            for _ in range(args.processes):
-                each_process.append([])
-                bench_peer(ctx, peer, variant, args.scenario_list, deadline, each_process[-1])
-            rows.extend(median_over_processes(each_process))
+            each_process: list = []
+            try:
+                for _ in range(args.processes):
+                    each_process.append([])
+                    bench_peer(ctx, peer, variant, args.scenario_list, deadline, each_process[-1])
+            finally:
+                # (interrupted: what was measured is still reported)
+                if each_process:
+                    rows.extend(median_over_processes(each_process))
     except KeyboardInterrupt:
         interrupted = True
         log("interrupted: stopping everything")
@@ -787,7 +797,10 @@ def main(argv=None):
         print(line)
     for row in rows:
         if row.get("processes"):
-            each = ", ".join("-" if r is None else f"{r:.0f}" for r in row["processes"])
+            each = ", ".join(
+                f"{rps:.0f}" if rps is not None else f"({status})"
+                for rps, status in zip(row["processes"], row["process_status"])
+            )
             print(f"{row['label']} ({row['scenario']}), each process: {each} req/s")
     if any(r.get("errors") for r in rows):
         print("! = the run had non-2xx responses or socket errors: not comparable")

@@ -119,8 +119,46 @@ def test_median_over_processes_takes_each_scenarios_middle_process():
     # an even count of measured processes: the lower middle one; the worst errors
     assert large["rps"] == 900 and large["processes"] == [900, 1000, None]
     assert large["errors"] == 3 and large["status"] == "errors"
+    assert large["process_status"] == ["ok", "errors", "error: x"]
     failed = run.median_over_processes([[{"scenario": "small", "status": "error: y"}]] * 2)
     assert failed == [{"scenario": "small", "status": "error: y"}]
+
+
+def test_an_interrupted_peer_keeps_the_processes_it_measured(monkeypatch, tmp_path):
+    """Ctrl-C during a peer's second process: the first process's rows are reported."""
+    calls = []
+
+    def bench_peer(ctx, peer, variant, scenarios, deadline, out):
+        calls.append(peer)
+        out.extend({"peer": peer, "variant": variant, "label": peer, "scenario": s} for s in scenarios)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        for row in out:
+            row.update(_row(peer, 1000.0, requests=5000))
+
+    class Origin:
+        url = "http://127.0.0.1:1/"
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def start(self, *args, **kwargs):
+            pass
+
+    monkeypatch.setattr(run, "bench_peer", bench_peer)
+    monkeypatch.setattr(run, "Origin", Origin)
+    monkeypatch.setattr(run.shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(run.nginxconf, "nginx_binary", lambda: "/usr/sbin/nginx")
+    out = tmp_path / "out.json"
+    with pytest.raises(SystemExit) as exited:
+        run.main(["--peers", "aiohttp", "--scenarios", "small", "--processes", "3", "--no-pin",
+                  "--json", str(out)])
+    assert exited.value.code == 130  # (as after Ctrl-C)
+    import json
+
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["rps"] == 1000.0 and row["processes"] == [1000.0, None]
+    assert row["process_status"] == ["ok", "interrupted"]
 
 
 def test_processes_and_repeat_must_be_positive():

@@ -170,7 +170,7 @@ class Options(usage.Options):
         """
         from gateway.workers import check_inherited_group
 
-        if self["workers"] <= 1 and not listen.startswith("systemd:"):
+        if self["workers"] <= 1 and not listen.lower().startswith("systemd:"):
             return  # (nothing to check: not parsed twice)
         try:
             endpoint = serverFromString(_reactor(), with_backlog(listen))
