@@ -541,6 +541,24 @@ def test_workers_share_the_socket_and_merge_metrics(backends):
     assert "Traceback" not in gw.log()
 
 
+def _assert_both_workers_serve_a_burst(gw, address) -> None:
+    """
+    32 new connections to C{address}, a request on each, all answered 200,
+    and both workers of C{gw} among those that served them.
+    """
+    opened = [socket.create_connection(address, timeout=5) for _ in range(32)]
+    try:
+        for conn in opened:
+            conn.sendall(b"GET /stable/x HTTP/1.1\r\nHost: t\r\n\r\n")
+        for conn in opened:
+            assert conn.recv(65536).startswith(b"HTTP/1.1 200 ")
+    finally:
+        for conn in opened:
+            conn.close()
+    served = _metric(get(gw.admin_port, "/metrics").body.decode(), "txgateway_worker_requests_total")
+    assert sum(served.values()) == 32 and len(served) == 2 and min(served.values()) > 0, served
+
+
 def test_workers_share_a_burst_of_connections(backends):
     """
     Each worker has a socket of its own on the address (SO_REUSEPORT): a
@@ -551,17 +569,7 @@ def test_workers_share_a_burst_of_connections(backends):
     try:
         wait_for(lambda: gw.log().count("GatewaySite starting on") == 2, what="both workers")
         assert "with 2 sockets (SO_REUSEPORT)" in gw.log()
-        opened = [socket.create_connection(("127.0.0.1", gw.port), timeout=5) for _ in range(32)]
-        try:
-            for conn in opened:
-                conn.sendall(b"GET /stable/x HTTP/1.1\r\nHost: t\r\n\r\n")
-            for conn in opened:
-                assert conn.recv(65536).startswith(b"HTTP/1.1 200 ")
-        finally:
-            for conn in opened:
-                conn.close()
-        served = _metric(get(gw.admin_port, "/metrics").body.decode(), "txgateway_worker_requests_total")
-        assert sum(served.values()) == 32 and len(served) == 2 and min(served.values()) > 0, served
+        _assert_both_workers_serve_a_burst(gw, ("127.0.0.1", gw.port))
     finally:
         assert gw.stop() == 0, gw.log()
 
@@ -657,17 +665,7 @@ def test_workers_serve_a_socket_each_that_systemd_passed(backends):
         try:
             wait_for(lambda: gw.log().count("GatewaySite starting on") == 2, what="both workers")
             assert "with the 2 sockets systemd passed (ReusePort=yes)" in gw.log(), gw.log()[-3000:]
-            opened = [socket.create_connection(sockets[0].getsockname(), timeout=5) for _ in range(32)]
-            try:
-                for conn in opened:
-                    conn.sendall(b"GET /stable/x HTTP/1.1\r\nHost: t\r\n\r\n")
-                for conn in opened:
-                    assert conn.recv(65536).startswith(b"HTTP/1.1 200 ")
-            finally:
-                for conn in opened:
-                    conn.close()
-            served = _metric(get(gw.admin_port, "/metrics").body.decode(), "txgateway_worker_requests_total")
-            assert sum(served.values()) == 32 and len(served) == 2 and min(served.values()) > 0, served
+            _assert_both_workers_serve_a_burst(gw, sockets[0].getsockname())
         finally:
             assert gw.stop() == 0, gw.log()
     finally:
