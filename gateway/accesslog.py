@@ -1,6 +1,6 @@
 """
-The access log: one structured event per request, and an optional plain
-combined-log-format file.
+The access log: one structured event per request, and an optional file
+of one line per request, in the combined log format or as JSON Lines.
 
 L{AccessLog} is a request observer. For each finished request it emits one
 C{twisted.logger} event in the namespace C{gateway.access} whose fields
@@ -15,14 +15,16 @@ configured) have their values replaced by C{REDACTED}.
 L{redact_headers} is the one place that decides which headers are secret,
 for any code that must show headers.
 
-L{CombinedLogFile} writes the combined-log lines from a thread of its own,
-in batches, so that a slow disk never blocks the reactor; see its
-docstring for the buffering and rotation rules.
+L{AccessLogFile} writes the file's lines (L{combined_line} or
+L{json_line}) from a thread of its own, in batches, so that a slow disk
+never blocks the reactor; see its docstring for the buffering and
+rotation rules.
 """
 
 from __future__ import annotations
 
 import time
+from json import dumps
 from typing import Iterable, Optional
 from urllib.parse import unquote_to_bytes
 
@@ -170,6 +172,16 @@ def access_fields(context, sensitive: frozenset = SENSITIVE_QUERY_PARAMETERS) ->
     }
 
 
+def json_line(context, sensitive: frozenset = SENSITIVE_QUERY_PARAMETERS) -> bytes:
+    """
+    The request's access-log fields (L{access_fields}) as one JSON object
+    on one line, with a newline: a JSON Lines record (U{https://jsonlines.org}),
+    what Envoy's and Traefik's JSON access logs write. Non-ASCII text is
+    written as C{\\u} escapes (RFC 8259, section 7), so the line is ASCII.
+    """
+    return (dumps(access_fields(context, sensitive)) + "\n").encode("ascii")
+
+
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
@@ -214,9 +226,13 @@ def combined_line(context, sensitive: frozenset = SENSITIVE_QUERY_PARAMETERS) ->
     )
 
 
-class CombinedLogFile(TimerService):
+#: The line functions of the access-log file, by C{file_format}.
+FILE_FORMATS = {"combined": combined_line, "json": json_line}
+
+
+class AccessLogFile(TimerService):
     """
-    Appends combined-log lines to a file without blocking the reactor.
+    Appends access-log lines to a file without blocking the reactor.
 
     L{write} only appends to an in-memory buffer. Every C{flush_interval}
     seconds the buffer is handed, as one batch, to a thread of this
@@ -237,7 +253,7 @@ class CombinedLogFile(TimerService):
     def __init__(self, path: str, reactor, flush_interval: float = 1.0, max_buffer: int = 8 << 20) -> None:
         super().__init__(flush_interval, self.flush)
         self.clock = reactor
-        self.setName("combined-access-log")
+        self.setName("access-log-file")
         self.path = path
         self._reactor = reactor
         self._max_buffer = max_buffer
@@ -319,12 +335,14 @@ def _append(path: str, data: bytes) -> None:
 class AccessLog:
     """
     A request observer that emits the access-log event of each request
-    and, when configured, writes its combined-log line.
+    and, when configured, writes its line to the access-log file.
 
-    @param combined: the L{CombinedLogFile}, or None for none.
+    @param file: the L{AccessLogFile}, or None for none.
+    @param file_format: the file's lines: C{"combined"} (L{combined_line})
+        or C{"json"} (L{json_line}).
     @param sensitive: query parameter names whose values are redacted.
-    @param enabled: emit the structured event (the combined file is
-        written either way).
+    @param enabled: emit the structured event (the file is written
+        either way).
     @param observer: where the events go (by default the global log
         publisher, i.e. wherever C{twist}/C{twistd} send the log).
 
@@ -338,12 +356,17 @@ class AccessLog:
 
     def __init__(
         self,
-        combined: Optional[CombinedLogFile] = None,
+        file: Optional[AccessLogFile] = None,
         sensitive: frozenset = SENSITIVE_QUERY_PARAMETERS,
         enabled: bool = True,
         observer: ILogObserver = globalLogPublisher,
+        file_format: str = "combined",
     ) -> None:
-        self.combined = combined
+        if file_format not in FILE_FORMATS:
+            raise ValueError(f"file_format: {file_format!r} is not one of {sorted(FILE_FORMATS)}")
+        self.file = file
+        self.file_format = file_format
+        self._line = FILE_FORMATS[file_format]
         self.sensitive = sensitive
         self.enabled = enabled
         self._observer = observer
@@ -357,5 +380,6 @@ class AccessLog:
             event["log_source"] = None
             event["log_time"] = time.time()
             self._observer(event)
-        if self.combined is not None:
-            self.combined.write(combined_line(context, self.sensitive))
+        if self.file is not None:
+            self.file.write(self._line(context, self.sensitive))
+

@@ -15,7 +15,8 @@ The config section, all keys optional::
     observability:
       access_log:
         enabled: true          # the structured event per request
-        file: /var/log/txgateway/access.log   # combined log format; none by default
+        file: /var/log/txgateway/access.log   # a line per request; none by default
+        format: combined       # the file's lines: combined (log format) or json (JSON Lines)
         flush_interval: 1s     # the file is written in batches, from a thread
         max_buffer: 8MiB       # lines waiting for the disk beyond this are dropped
         redact_query: [session_id]   # more query parameters to redact
@@ -47,7 +48,7 @@ import attrs
 from twisted.application.service import MultiService
 from twisted.logger import Logger
 
-from gateway.accesslog import SENSITIVE_QUERY_PARAMETERS, AccessLog, CombinedLogFile
+from gateway.accesslog import FILE_FORMATS, SENSITIVE_QUERY_PARAMETERS, AccessLog, AccessLogFile
 from gateway.config import (
     Extension,
     ParseContext,
@@ -56,6 +57,7 @@ from gateway.config import (
     boolean,
     integer,
     mapping_items,
+    one_of,
     positive_duration,
     register,
     size,
@@ -73,7 +75,9 @@ _log = Logger()
 class AccessLogSettings:
     """
     @ivar enabled: emit the structured access event of each request.
-    @ivar file: the combined-log-format file, or None for none.
+    @ivar file: the access-log file, or None for none.
+    @ivar format: its lines: C{"combined"} (the combined log format) or
+        C{"json"} (JSON Lines of the access event's fields).
     @ivar flush_interval: seconds between writes of the file.
     @ivar max_buffer: bytes held for the file before lines are dropped.
     @ivar redact_query: query parameter names (lower case) whose values
@@ -82,6 +86,7 @@ class AccessLogSettings:
 
     enabled: bool = True
     file: Optional[str] = None
+    format: str = "combined"
     flush_interval: float = 1.0
     max_buffer: int = 8 << 20
     redact_query: frozenset = SENSITIVE_QUERY_PARAMETERS
@@ -124,6 +129,7 @@ def _access_log(where: Where, value: Any) -> AccessLogSettings:
     settings = AccessLogSettings(
         enabled=section.take("enabled", boolean, True),
         file=section.take("file", string, None),
+        format=section.take("format", one_of(*FILE_FORMATS), "combined"),
         flush_interval=section.take("flush_interval", positive_duration, 1.0),
         max_buffer=section.take("max_buffer", size, 8 << 20),
         redact_query=SENSITIVE_QUERY_PARAMETERS | {name.lower() for name in extra},
@@ -237,17 +243,20 @@ class ObserveFilter:
         self.service = MultiService()
         self.service.setName("observability")
 
-        combined = None
+        log_file = None
         if settings.access_log.file is not None:
-            combined = CombinedLogFile(
+            log_file = AccessLogFile(
                 settings.access_log.file,
                 reactor,
                 settings.access_log.flush_interval,
                 settings.access_log.max_buffer,
             )
-            combined.setServiceParent(self.service)
+            log_file.setServiceParent(self.service)
         self.access_log = AccessLog(
-            combined, redacted_query_names(gateway.snapshot.config), settings.access_log.enabled
+            log_file,
+            redacted_query_names(gateway.snapshot.config),
+            settings.access_log.enabled,
+            file_format=settings.access_log.format,
         )
         gateway.request_observers.append(self.access_log)
 
@@ -282,7 +291,8 @@ class ObserveFilter:
         }
         if self.feed is not None:
             self.admin_children[b"dashboard"] = DashboardResource(self.feed)
-        self._want_client_line = combined is not None
+        # Protocol, referer and user agent are in the combined format only.
+        self._want_client_line = log_file is not None and settings.access_log.format == "combined"
         self._tracing = settings.tracing
         metrics = getattr(gateway, "metrics", None)
         if metrics is not None:
@@ -312,12 +322,13 @@ class ObserveFilter:
 
     def stats(self) -> dict:
         """Counters of the observability machinery itself, for C{/stats}."""
-        combined = self.access_log.combined
+        log_file = self.access_log.file
         result = {
             "access_log": {
-                "file": combined.path if combined is not None else None,
-                "written": combined.written if combined is not None else 0,
-                "dropped": combined.dropped if combined is not None else 0,
+                "file": log_file.path if log_file is not None else None,
+                "format": self.access_log.file_format,
+                "written": log_file.written if log_file is not None else 0,
+                "dropped": log_file.dropped if log_file is not None else 0,
             },
         }
         if self.feed is not None:

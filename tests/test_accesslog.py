@@ -22,9 +22,10 @@ from twisted.logger import (
 from gateway.accesslog import (
     ACCESS_FIELDS,
     AccessLog,
-    CombinedLogFile,
+    AccessLogFile,
     access_fields,
     combined_line,
+    json_line,
     redact_headers,
     redact_query,
 )
@@ -180,12 +181,50 @@ def test_combined_line():
     assert combined_line(plain).endswith(b'"GET /users/7 HTTP/1.1" 404 - "-" "-"\n')
 
 
+def test_json_line_is_the_event_fields_on_one_ascii_line():
+    context = finished(config(), started=1714564800.25)
+    context.path = "/caf\u00e9/\u2028/\"x\"\n".encode("utf-8")
+    context.query = b"?token=abc&q=1"
+    line = json_line(context)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    line.decode("ascii")  # non-ASCII is escaped, so any reader's encoding will do
+    fields = json.loads(line)
+    assert fields == access_fields(context)
+    assert tuple(fields) == ACCESS_FIELDS
+    assert fields["path"] == "/caf\u00e9/\u2028/\"x\"\n?token=REDACTED&q=1"
+    assert b"abc" not in json_line(context, frozenset(["token"]))
+
+
+class Lines:
+    def __init__(self):
+        self.lines = []
+
+    def write(self, line):
+        self.lines.append(line)
+
+
+@pytest.mark.parametrize("file_format, line", [("combined", combined_line), ("json", json_line)])
+def test_access_log_writes_its_file_format(file_format, line):
+    out = Lines()
+    events = []
+    context = finished(config())
+    context.query = b"?api_key=k"
+    log = AccessLog(out, frozenset(["api_key"]), enabled=False, observer=events.append, file_format=file_format)
+    log(context)
+    assert out.lines == [line(context, frozenset(["api_key"]))] and events == []
+
+
+def test_access_log_refuses_an_unknown_file_format():
+    with pytest.raises(ValueError, match="'xml' is not one of"):
+        AccessLog(Lines(), file_format="xml")
+
+
 @pytest_twisted.inlineCallbacks
 def test_combined_file_written_from_a_thread(tmp_path):
     from twisted.internet import reactor
 
     path = str(tmp_path / "access.log")
-    f = CombinedLogFile(path, reactor, flush_interval=0.05)
+    f = AccessLogFile(path, reactor, flush_interval=0.05)
     f.startService()
     try:
         f.write(b"one\n")
@@ -203,7 +242,7 @@ def test_combined_file_written_from_a_thread(tmp_path):
 
 
 def test_combined_file_buffer_is_bounded():
-    f = CombinedLogFile("/nonexistent/never-written", Clock(), max_buffer=100)
+    f = AccessLogFile("/nonexistent/never-written", Clock(), max_buffer=100)
     for _ in range(30):
         f.write(b"0123456789\n")
     assert f._buffered <= 100

@@ -22,6 +22,7 @@ def test_defaults():
     settings = settings_of(parse_config(CONFIG))
     assert settings == Observability()
     assert settings.access_log.enabled and settings.access_log.file is None
+    assert settings.access_log.format == "combined"
     assert settings.dashboard.client_buffer == 256 * 1024
     assert settings.tracing.enabled and settings.tracing.otlp is None
 
@@ -31,8 +32,8 @@ def test_full_section():
         with_section(
             """
 observability:
-  access_log: {enabled: false, file: /tmp/a.log, flush_interval: 250ms, max_buffer: 1MiB,
-               redact_query: [Session_ID]}
+  access_log: {enabled: false, file: /tmp/a.log, format: json, flush_interval: 250ms,
+               max_buffer: 1MiB, redact_query: [Session_ID]}
   dashboard: {recent: 10, history: 60, client_buffer: 64KiB, max_clients: 2}
   tracing:
     sample_new: false
@@ -44,6 +45,7 @@ observability:
     s = settings_of(config)
     assert not s.access_log.enabled and s.access_log.file == "/tmp/a.log"
     assert s.access_log.flush_interval == 0.25 and s.access_log.max_buffer == 1 << 20
+    assert s.access_log.format == "json"
     assert s.access_log.redact_query == SENSITIVE_QUERY_PARAMETERS | {"session_id"}
     assert (s.dashboard.recent, s.dashboard.history, s.dashboard.client_buffer, s.dashboard.max_clients) == (
         10, 60, 65536, 2,
@@ -62,6 +64,10 @@ observability:
         ("observability: {tracing: {otlp: {endpoint: localhost:4318}}}", "expected an http:// or https:// URL"),
         ("observability: {tracing: {otlp: {}}}", "missing required key 'endpoint'"),
         ("observability: {access_log: {flush_interval: 0}}", "must be longer than zero"),
+        (
+            "observability: {access_log: {format: JSON}}",
+            "observability.access_log.format: expected one of combined, json, got 'JSON'",
+        ),
     ],
 )
 def test_invalid_sections(section, reason):
@@ -139,6 +145,13 @@ def test_client_line_recorded_only_with_a_combined_file(tmp_path):
     context.notes.clear()
     find(plain).on_request(Request({b"user-agent": [b"ua/1"]}), context)
     assert "client" not in context.notes
+    as_json = make_gateway(f"observability: {{access_log: {{file: {tmp_path}/access.log, format: json}}}}")
+    context = finished(as_json.snapshot.config)
+    context.notes.clear()
+    find(as_json).on_request(Request({b"user-agent": [b"ua/1"]}), context)
+    assert "client" not in context.notes  # JSON lines have no user agent: not recorded
+    assert find(as_json).access_log.file_format == "json"
+    assert find(as_json).stats()["access_log"]["format"] == "json"
 
 
 def test_reload_applies_settings_and_counts_a_generation():

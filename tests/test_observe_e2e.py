@@ -396,6 +396,46 @@ def test_twist_json_log_has_one_object_per_line_with_access_fields(backends):
     ), log
 
 
+def test_json_lines_access_file_instead_of_the_event(backends, tmp_path):
+    """
+    With the event off and a JSON file, each request is one JSON object
+    on one line of the file, and nothing of it in the process log.
+    """
+    from gateway.accesslog import ACCESS_FIELDS
+
+    path = tmp_path / "access.jsonl"
+    gw = Gateway(
+        config(
+            backends,
+            f"observability: {{access_log: {{enabled: false, file: {path}, format: json, "
+            "flush_interval: 100ms}}",
+        )
+    )
+    try:
+        r = get(gw.port, "/pair/echo?token=t-SECRET-1&q=1", headers={"X-Request-Id": "jsonl-1"})
+        assert r.status == 200
+        get(gw.port, "/unrouted", headers={"X-Request-Id": "jsonl-2"})
+        wait_for(lambda: path.exists() and b"jsonl-2" in path.read_bytes(), timeout=5, what="the JSON log")
+        stats = get(gw.admin_port, "/stats").json()["access_log"]
+    finally:
+        assert gw.stop() == 0, gw.log()
+    assert stats["format"] == "json" and stats["written"] >= 2 and stats["dropped"] == 0
+    data = path.read_bytes()
+    assert b"SECRET" not in data
+    lines = data.decode("ascii").splitlines()
+    records = {}
+    for line in lines:
+        record = json.loads(line)
+        assert tuple(record) == ACCESS_FIELDS
+        records[record["request_id"]] = record
+    first, second = records["jsonl-1"], records["jsonl-2"]
+    assert first["path"] == "/pair/echo?token=REDACTED&q=1" and first["status"] == 200
+    assert first["route"] == "pair" and first["bytes_out"] == len(r.body)
+    assert first["upstream_duration_ms"] > 0 and first["backend"].startswith("http://127.0.0.1:")
+    assert second["status"] == 404 and second["route"] is None
+    assert "jsonl-1" not in gw.log()
+
+
 # --- OTLP export to a collector ---------------------------------------------------------
 
 
