@@ -593,8 +593,8 @@ def parse_args(argv=None):
     )
     p.add_argument("--duration", type=int, default=10, help="seconds per measurement (10)")
     p.add_argument("--processes", type=int, default=1, metavar="N",
-                   help="start each peer N times, all scenarios in each; the process with "
-                   "the median req/s is shown (1)")
+                   help="start each peer N times, all scenarios in each, in N rounds of "
+                   "every peer; the process with the median req/s is shown (1)")
     p.add_argument("--repeat", type=int, default=1,
                    help="measurements per peer and scenario; the median by req/s is shown (1)")
     p.add_argument("--wait-quiet", type=int, default=0, metavar="SECONDS",
@@ -740,20 +740,25 @@ def main(argv=None):
         log(f"origin: nginx on {origin.url} (cpu {args.load_cpu})")
         origin.start(processes, cpu=args.load_cpu)
         ctx = Context(args, tmpdir, processes, origin)
+        # ("direct" starts no process: measured once, first)
+        repeated = [key for key in args.plan if args.processes > 1 and key[0] != "direct"]
         for peer, variant in args.plan:
-            # ("direct" starts no process: measured once)
-            if args.processes == 1 or peer == "direct":
+            if (peer, variant) not in repeated:
                 bench_peer(ctx, peer, variant, args.scenario_list, deadline, rows)
-                continue
-            each_process: list = []
-            try:
-                for _ in range(args.processes):
-                    each_process.append([])
-                    bench_peer(ctx, peer, variant, args.scenario_list, deadline, each_process[-1])
-            finally:
-                # (interrupted: what was measured is still reported)
-                if each_process:
-                    rows.extend(median_over_processes(each_process))
+        each_process: dict = {key: [] for key in repeated}
+        try:
+            # In rounds, every peer's i-th process before any peer's
+            # (i+1)-th: a VM whose speed drifts during the run (it does,
+            # by a third within an hour) then weighs on every peer alike.
+            for _ in range(args.processes if repeated else 0):
+                for key in repeated:
+                    each_process[key].append([])
+                    bench_peer(ctx, *key, args.scenario_list, deadline, each_process[key][-1])
+        finally:
+            # (interrupted: what was measured is still reported)
+            for key in repeated:
+                if each_process[key]:
+                    rows.extend(median_over_processes(each_process[key]))
     except KeyboardInterrupt:
         interrupted = True
         log("interrupted: stopping everything")

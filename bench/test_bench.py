@@ -161,6 +161,40 @@ def test_an_interrupted_peer_keeps_the_processes_it_measured(monkeypatch, tmp_pa
     assert row["process_status"] == ["ok", "interrupted"]
 
 
+def test_processes_run_in_rounds_of_every_peer(monkeypatch, tmp_path):
+    """--processes 2: direct once, then nginx, aiohttp, nginx, aiohttp."""
+    calls = []
+    rates = iter([100.0, 200.0, 10.0, 300.0, 30.0])
+
+    def bench_peer(ctx, peer, variant, scenarios, deadline, out):
+        calls.append(peer)
+        out.extend(_row(peer, next(rates), requests=5000, scenario=s) for s in scenarios)
+
+    class Origin:
+        url = "http://127.0.0.1:1/"
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def start(self, *args, **kwargs):
+            pass
+
+    monkeypatch.setattr(run, "bench_peer", bench_peer)
+    monkeypatch.setattr(run, "Origin", Origin)
+    monkeypatch.setattr(run.shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(run.nginxconf, "nginx_binary", lambda: "/usr/sbin/nginx")
+    out = tmp_path / "out.json"
+    run.main(["--peers", "direct,nginx,aiohttp", "--scenarios", "small", "--processes", "2",
+              "--no-pin", "--json", str(out)])
+    assert calls == ["direct", "nginx", "aiohttp", "nginx", "aiohttp"]
+    import json
+
+    rows = {r["peer"]: r for r in json.loads(out.read_text())["results"]}
+    assert "processes" not in rows["direct"] and rows["direct"]["rps"] == 100.0
+    assert rows["nginx"]["processes"] == [200.0, 300.0]
+    assert rows["aiohttp"]["processes"] == [10.0, 30.0]
+
+
 def test_processes_and_repeat_must_be_positive():
     with pytest.raises(SystemExit):
         run.parse_args(["--processes", "0"])

@@ -239,7 +239,7 @@ def measure_row(args, tmpdir, processes, origin, workers, largest, budgets):
         template = f.read()
     port, admin = procs.free_port(), procs.free_port()
     text = string.Template(template).safe_substitute(
-        PORT=port, ADMIN_PORT=admin, ORIGIN_URL=origin.url, ORIGIN_PORT=origin.port
+        PORT=port, ADMIN_PORT=admin, ORIGIN_URL=origin.url, ORIGIN_PORT=origin.port, TMPDIR=tmpdir
     )
     config = os.path.join(tmpdir, f"gateway-{workers}.yaml")
     with open(config, "w") as f:

@@ -23,8 +23,9 @@ rotation rules.
 
 from __future__ import annotations
 
+import os
 import time
-from json import dumps
+from json import JSONEncoder
 from typing import Iterable, Optional
 from urllib.parse import unquote_to_bytes
 
@@ -172,14 +173,26 @@ def access_fields(context, sensitive: frozenset = SENSITIVE_QUERY_PARAMETERS) ->
     }
 
 
+def _unexpected(value) -> str:
+    """A value JSON has no type for, in a JSON line: bytes decoded, others C{repr}."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    return repr(value)
+
+
+_encode = JSONEncoder(separators=(",", ":"), default=_unexpected).encode
+
+
 def json_line(context, sensitive: frozenset = SENSITIVE_QUERY_PARAMETERS) -> bytes:
     """
-    The request's access-log fields (L{access_fields}) as one JSON object
-    on one line, with a newline: a JSON Lines record (U{https://jsonlines.org}),
-    what Envoy's and Traefik's JSON access logs write. Non-ASCII text is
-    written as C{\\u} escapes (RFC 8259, section 7), so the line is ASCII.
+    The request's access-log fields (L{access_fields}) as one compact JSON
+    object on one line, with a newline: a JSON Lines record
+    (U{https://jsonlines.org}). Non-ASCII text and line separators are
+    written as C{\\u} escapes (RFC 8259, section 7), so the line is ASCII
+    and holds no newline of its values. A value JSON has no type for
+    (none of L{access_fields}'s) is written as a string, not refused.
     """
-    return (dumps(access_fields(context, sensitive)) + "\n").encode("ascii")
+    return (_encode(access_fields(context, sensitive)) + "\n").encode("ascii")
 
 
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
@@ -303,7 +316,16 @@ class AccessLogFile(TimerService):
             self.written += count
 
         def failed(failure):
-            _log.failure("could not write the access log file {path}", failure, path=self.path)
+            # The batch is lost: counted with the dropped lines, but not
+            # reported again as the disk falling behind.
+            self.dropped += count
+            self._dropped_reported += count
+            _log.failure(
+                "could not write the access log file {path}: {count} lines lost",
+                failure,
+                path=self.path,
+                count=count,
+            )
 
         def done(_):
             self._writing = None
@@ -328,8 +350,19 @@ class AccessLogFile(TimerService):
 
 
 def _append(path: str, data: bytes) -> None:
-    with open(path, "ab") as f:
-        f.write(data)
+    """
+    Append C{data} to the file at C{path} with one C{write(2)} in append
+    mode (more only if the kernel writes less), so that the batches of
+    several processes appending to one file (C{--workers}) land whole, one
+    after another.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
 
 
 class AccessLog:
@@ -362,14 +395,28 @@ class AccessLog:
         observer: ILogObserver = globalLogPublisher,
         file_format: str = "combined",
     ) -> None:
-        if file_format not in FILE_FORMATS:
-            raise ValueError(f"file_format: {file_format!r} is not one of {sorted(FILE_FORMATS)}")
         self.file = file
         self.file_format = file_format
-        self._line = FILE_FORMATS[file_format]
         self.sensitive = sensitive
         self.enabled = enabled
         self._observer = observer
+
+    @property
+    def file_format(self) -> str:
+        """
+        The file's lines: C{"combined"} or C{"json"}; may be set (on a
+        reload).
+
+        @raise ValueError: when set to another name.
+        """
+        return self._file_format
+
+    @file_format.setter
+    def file_format(self, name: str) -> None:
+        if name not in FILE_FORMATS:
+            raise ValueError(f"file_format: {name!r} is not one of {sorted(FILE_FORMATS)}")
+        self._file_format = name
+        self._line = FILE_FORMATS[name]
 
     def __call__(self, context) -> None:
         if self.enabled:

@@ -35,7 +35,8 @@ The config section, all keys optional::
           headers: {authorization: "Bearer ..."}
           timeout: 10s
 
-A reload applies C{access_log.enabled}, C{access_log.redact_query},
+A reload applies C{access_log.enabled}, C{access_log.format} (to the
+file opened at start), C{access_log.redact_query},
 C{tracing.enabled} and C{tracing.sample_new}; the other keys take effect at
 the next start.
 """
@@ -326,7 +327,7 @@ class ObserveFilter:
         result = {
             "access_log": {
                 "file": log_file.path if log_file is not None else None,
-                "format": self.access_log.file_format,
+                "format": self.access_log.file_format if log_file is not None else None,
                 "written": log_file.written if log_file is not None else 0,
                 "dropped": log_file.dropped if log_file is not None else 0,
             },
@@ -351,6 +352,8 @@ class ObserveFilter:
         new = settings_of(snapshot.config)
         self.access_log.enabled = new.access_log.enabled
         self.access_log.sensitive = redacted_query_names(snapshot.config)
+        self.access_log.file_format = new.access_log.format
+        self._want_client_line = self.access_log.file is not None and new.access_log.format == "combined"
         self._tracing = new.tracing
         metrics = getattr(self._gateway, "metrics", None)
         if metrics is not None:

@@ -1,4 +1,4 @@
-"""Tests for gateway.accesslog: fields, redaction, the combined-log file."""
+"""Tests for gateway.accesslog: fields, redaction, the access-log file (combined and JSON Lines)."""
 
 import io
 import json
@@ -220,7 +220,7 @@ def test_access_log_refuses_an_unknown_file_format():
 
 
 @pytest_twisted.inlineCallbacks
-def test_combined_file_written_from_a_thread(tmp_path):
+def test_access_log_file_written_from_a_thread(tmp_path):
     from twisted.internet import reactor
 
     path = str(tmp_path / "access.log")
@@ -241,7 +241,24 @@ def test_combined_file_written_from_a_thread(tmp_path):
     assert not reactor.getDelayedCalls()
 
 
-def test_combined_file_buffer_is_bounded():
+@pytest_twisted.inlineCallbacks
+def test_access_log_file_counts_a_batch_it_cannot_write(tmp_path):
+    from twisted.internet import reactor
+
+    f = AccessLogFile(str(tmp_path / "missing" / "access.log"), reactor, flush_interval=60)
+    f.startService()
+    try:
+        f.write(b"one\n")
+        f.write(b"two\n")
+        yield f.flush()
+        assert f.dropped == 2 and f.written == 0
+        f.write(b"three\n")
+    finally:
+        yield f.stopService()
+    assert f.dropped == 3
+
+
+def test_access_log_file_buffer_is_bounded():
     f = AccessLogFile("/nonexistent/never-written", Clock(), max_buffer=100)
     for _ in range(30):
         f.write(b"0123456789\n")
