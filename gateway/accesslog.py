@@ -250,7 +250,11 @@ class AccessLogFile(TimerService):
     L{write} only appends to an in-memory buffer. Every C{flush_interval}
     seconds the buffer is handed, as one batch, to a thread of this
     object's own, which opens the file in append mode, writes the batch
-    and closes it. Opening per batch means log rotation needs no signal:
+    and closes it; so does L{write} as soon as C{batch_size} bytes wait
+    and no batch is being written, so that under load lines wait
+    milliseconds, not a whole interval (a JIT's collector then frees them
+    young instead of promoting a second of lines to its old generation).
+    Opening per batch means log rotation needs no signal:
     once the file is renamed, the next batch creates a new one. At most one
     batch is written at a time; while the disk is slow, lines accumulate up
     to C{max_buffer} bytes and further lines are dropped and counted in
@@ -261,9 +265,18 @@ class AccessLogFile(TimerService):
     @param reactor: provides C{IReactorTime} and C{IReactorThreads}.
     @param flush_interval: seconds between batches.
     @param max_buffer: the most bytes held in memory, waiting or being written.
+    @param batch_size: bytes waiting that start a batch before the interval
+        ends; 0 for none (a batch every C{flush_interval} only).
     """
 
-    def __init__(self, path: str, reactor, flush_interval: float = 1.0, max_buffer: int = 8 << 20) -> None:
+    def __init__(
+        self,
+        path: str,
+        reactor,
+        flush_interval: float = 1.0,
+        max_buffer: int = 8 << 20,
+        batch_size: int = 64 << 10,
+    ) -> None:
         super().__init__(flush_interval, self.flush)
         self.clock = reactor
         self.setName("access-log-file")
@@ -272,6 +285,8 @@ class AccessLogFile(TimerService):
         self._max_buffer = max_buffer
         self._lines: list = []
         self._buffered = 0
+        self._waiting = 0
+        self._batch_size = batch_size
         self._writing: Optional[Deferred] = None
         self._pool: Optional[ThreadPool] = None
         self.dropped = 0
@@ -285,6 +300,10 @@ class AccessLogFile(TimerService):
             return
         self._lines.append(line)
         self._buffered += len(line)
+        self._waiting += len(line)
+        # (Not once stopping: stopService writes what is left itself.)
+        if 0 < self._batch_size <= self._waiting and self._writing is None and self.running:
+            self.flush()
 
     def startService(self) -> None:
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="txgateway-access-log")
@@ -310,6 +329,7 @@ class AccessLogFile(TimerService):
         batch = b"".join(self._lines)
         count = len(self._lines)
         self._lines = []
+        self._waiting = 0
         d = self._writing = deferToThreadPool(self._reactor, self._pool, _append, self.path, batch)
 
         def written(_):

@@ -17,7 +17,8 @@ The config section, all keys optional::
         enabled: true          # the structured event per request
         file: /var/log/txgateway/access.log   # a line per request; none by default
         format: combined       # the file's lines: combined (log format) or json (JSON Lines)
-        flush_interval: 1s     # the file is written in batches, from a thread
+        flush_interval: 1s     # the file is written in batches, from a thread,
+        batch: 64KiB           # or as soon as this many bytes wait (0: only every flush_interval)
         max_buffer: 8MiB       # lines waiting for the disk beyond this are dropped
         redact_query: [session_id]   # more query parameters to redact
       dashboard:
@@ -80,6 +81,8 @@ class AccessLogSettings:
     @ivar format: its lines: C{"combined"} (the combined log format) or
         C{"json"} (JSON Lines of the access event's fields).
     @ivar flush_interval: seconds between writes of the file.
+    @ivar batch: bytes waiting that start a write before the interval
+        ends (0: none).
     @ivar max_buffer: bytes held for the file before lines are dropped.
     @ivar redact_query: query parameter names (lower case) whose values
         are redacted, including the defaults.
@@ -89,6 +92,7 @@ class AccessLogSettings:
     file: Optional[str] = None
     format: str = "combined"
     flush_interval: float = 1.0
+    batch: int = 64 << 10
     max_buffer: int = 8 << 20
     redact_query: frozenset = SENSITIVE_QUERY_PARAMETERS
 
@@ -132,6 +136,7 @@ def _access_log(where: Where, value: Any) -> AccessLogSettings:
         file=section.take("file", string, None),
         format=section.take("format", one_of(*FILE_FORMATS), "combined"),
         flush_interval=section.take("flush_interval", positive_duration, 1.0),
+        batch=section.take("batch", size, 64 << 10),
         max_buffer=section.take("max_buffer", size, 8 << 20),
         redact_query=SENSITIVE_QUERY_PARAMETERS | {name.lower() for name in extra},
     )
@@ -251,6 +256,7 @@ class ObserveFilter:
                 reactor,
                 settings.access_log.flush_interval,
                 settings.access_log.max_buffer,
+                settings.access_log.batch,
             )
             log_file.setServiceParent(self.service)
         self.access_log = AccessLog(

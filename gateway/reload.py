@@ -123,7 +123,7 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
         changed.append("tls (on/off)")
     old_log = getattr(old.options.get("observability"), "access_log", None)
     new_log = getattr(new.options.get("observability"), "access_log", None)
-    for key in ("file", "flush_interval", "max_buffer"):
+    for key in ("file", "flush_interval", "batch", "max_buffer"):
         if getattr(old_log, key, None) != getattr(new_log, key, None):
             changed.append(f"observability.access_log.{key}")
     return changed

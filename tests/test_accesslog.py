@@ -242,6 +242,37 @@ def test_access_log_file_written_from_a_thread(tmp_path):
 
 
 @pytest_twisted.inlineCallbacks
+def test_access_log_file_writes_a_full_batch_before_the_interval(tmp_path):
+    from twisted.internet import reactor
+
+    path = tmp_path / "access.log"
+    f = AccessLogFile(str(path), reactor, flush_interval=3600, batch_size=10)
+    f.startService()
+    try:
+        f.write(b"12345\n")
+        assert f._writing is None  # 6 bytes wait: under the batch size
+        f.write(b"67890\n")
+        assert f._writing is not None  # 12: a batch is on its way
+        f.write(b"abcdefghijk\n")  # a batch is being written: this one waits
+        yield f._writing
+        assert path.read_bytes() == b"12345\n67890\n" and f.written == 2
+        f.write(b"z\n")  # the next write sends what waits
+        yield f._writing
+        assert path.read_bytes() == b"12345\n67890\nabcdefghijk\nz\n"
+    finally:
+        yield f.stopService()
+    assert f.written == 4 and not reactor.getDelayedCalls()
+    interval_only = AccessLogFile(str(path), reactor, flush_interval=3600, batch_size=0)
+    interval_only.startService()
+    try:
+        interval_only.write(b"x" * 100000 + b"\n")
+        assert interval_only._writing is None
+    finally:
+        yield interval_only.stopService()
+    assert interval_only.written == 1
+
+
+@pytest_twisted.inlineCallbacks
 def test_access_log_file_counts_a_batch_it_cannot_write(tmp_path):
     from twisted.internet import reactor
 

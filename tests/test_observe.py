@@ -24,7 +24,7 @@ def test_defaults():
     settings = settings_of(parse_config(CONFIG))
     assert settings == Observability()
     assert settings.access_log.enabled and settings.access_log.file is None
-    assert settings.access_log.format == "combined"
+    assert settings.access_log.format == "combined" and settings.access_log.batch == 64 * 1024
     assert settings.dashboard.client_buffer == 256 * 1024
     assert settings.tracing.enabled and settings.tracing.otlp is None
 
@@ -35,7 +35,7 @@ def test_full_section():
             """
 observability:
   access_log: {enabled: false, file: /tmp/a.log, format: json, flush_interval: 250ms,
-               max_buffer: 1MiB, redact_query: [Session_ID]}
+               batch: 0, max_buffer: 1MiB, redact_query: [Session_ID]}
   dashboard: {recent: 10, history: 60, client_buffer: 64KiB, max_clients: 2}
   tracing:
     sample_new: false
@@ -47,7 +47,7 @@ observability:
     s = settings_of(config)
     assert not s.access_log.enabled and s.access_log.file == "/tmp/a.log"
     assert s.access_log.flush_interval == 0.25 and s.access_log.max_buffer == 1 << 20
-    assert s.access_log.format == "json"
+    assert s.access_log.format == "json" and s.access_log.batch == 0
     assert s.access_log.redact_query == SENSITIVE_QUERY_PARAMETERS | {"session_id"}
     assert (s.dashboard.recent, s.dashboard.history, s.dashboard.client_buffer, s.dashboard.max_clients) == (
         10, 60, 65536, 2,
@@ -154,6 +154,7 @@ def test_client_line_recorded_only_with_a_combined_file(tmp_path):
     assert "client" not in context.notes  # JSON lines have no user agent: not recorded
     assert find(as_json).access_log.file_format == "json"
     assert find(as_json).stats()["access_log"]["format"] == "json"
+    assert find(as_json).access_log.file._batch_size == 64 * 1024
 
 
 def test_reload_applies_settings_and_counts_a_generation():
