@@ -259,7 +259,8 @@ class AccessLogFile(TimerService):
     batch is written at a time; while the disk is slow, lines accumulate up
     to C{max_buffer} bytes and further lines are dropped and counted in
     L{dropped} (and reported in the log), so memory stays bounded. On
-    stop, what is buffered is written before the thread ends.
+    stop, what is buffered is written before the thread ends; lines
+    written after that are counted in L{dropped}.
 
     @param path: the file to append to.
     @param reactor: provides C{IReactorTime} and C{IReactorThreads}.
@@ -289,13 +290,14 @@ class AccessLogFile(TimerService):
         self._batch_size = batch_size
         self._writing: Optional[Deferred] = None
         self._pool: Optional[ThreadPool] = None
+        self._closed = False
         self.dropped = 0
         self._dropped_reported = 0
         self.written = 0
 
     def write(self, line: bytes) -> None:
         """Queue one line (with its newline) for the file."""
-        if self._buffered + len(line) > self._max_buffer:
+        if self._buffered + len(line) > self._max_buffer or self._closed:
             self.dropped += 1
             return
         self._lines.append(line)
@@ -356,11 +358,22 @@ class AccessLogFile(TimerService):
         return d
 
     def stopService(self) -> Deferred:
+        """
+        Write every line buffered, including those written meanwhile, then
+        end the thread; lines written after that are counted as dropped.
+        """
         super().stopService()
         d = self._writing if self._writing is not None else succeed(None)
-        d.addCallback(lambda _: self.flush())
+
+        def write_the_rest(_):
+            if self._lines and self._pool is not None:
+                return self.flush().addCallback(write_the_rest)
+            return None
+
+        d.addCallback(write_the_rest)
 
         def stop_thread(_):
+            self._closed = True
             if self._pool is not None:
                 self._pool.stop()
                 self._pool = None
@@ -415,28 +428,14 @@ class AccessLog:
         observer: ILogObserver = globalLogPublisher,
         file_format: str = "combined",
     ) -> None:
+        if file_format not in FILE_FORMATS:
+            raise ValueError(f"file_format: {file_format!r} is not one of {sorted(FILE_FORMATS)}")
         self.file = file
         self.file_format = file_format
+        self._line = FILE_FORMATS[file_format]
         self.sensitive = sensitive
         self.enabled = enabled
         self._observer = observer
-
-    @property
-    def file_format(self) -> str:
-        """
-        The file's lines: C{"combined"} or C{"json"}; may be set (on a
-        reload).
-
-        @raise ValueError: when set to another name.
-        """
-        return self._file_format
-
-    @file_format.setter
-    def file_format(self, name: str) -> None:
-        if name not in FILE_FORMATS:
-            raise ValueError(f"file_format: {name!r} is not one of {sorted(FILE_FORMATS)}")
-        self._file_format = name
-        self._line = FILE_FORMATS[name]
 
     def __call__(self, context) -> None:
         if self.enabled:

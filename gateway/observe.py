@@ -36,8 +36,7 @@ The config section, all keys optional::
           headers: {authorization: "Bearer ..."}
           timeout: 10s
 
-A reload applies C{access_log.enabled}, C{access_log.format} (to the
-file opened at start), C{access_log.redact_query},
+A reload applies C{access_log.enabled}, C{access_log.redact_query},
 C{tracing.enabled} and C{tracing.sample_new}; the other keys take effect at
 the next start.
 """
@@ -358,8 +357,6 @@ class ObserveFilter:
         new = settings_of(snapshot.config)
         self.access_log.enabled = new.access_log.enabled
         self.access_log.sensitive = redacted_query_names(snapshot.config)
-        self.access_log.file_format = new.access_log.format
-        self._want_client_line = self.access_log.file is not None and new.access_log.format == "combined"
         self._tracing = new.tracing
         metrics = getattr(self._gateway, "metrics", None)
         if metrics is not None:

@@ -20,8 +20,8 @@ itself runs on the reactor thread (a config file is small, and feature
 parsers may assume they run there).
 
 What a reload cannot change (the listeners' addresses, TLS on or off, the
-number of workers, the access-log file and its buffering) is logged as
-needing a restart; the rest of the new file
+number of workers, the access-log file, its format and buffering) is
+logged as needing a restart; the rest of the new file
 applies.
 """
 
@@ -123,9 +123,11 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
         changed.append("tls (on/off)")
     old_log = getattr(old.options.get("observability"), "access_log", None)
     new_log = getattr(new.options.get("observability"), "access_log", None)
-    for key in ("file", "flush_interval", "batch", "max_buffer"):
-        if getattr(old_log, key, None) != getattr(new_log, key, None):
-            changed.append(f"observability.access_log.{key}")
+    if getattr(old_log, "file", None) is not None or getattr(new_log, "file", None) is not None:
+        # (A new format on a reload would mix two in one file.)
+        for key in ("file", "format", "flush_interval", "batch", "max_buffer"):
+            if getattr(old_log, key, None) != getattr(new_log, key, None):
+                changed.append(f"observability.access_log.{key}")
     return changed
 
 

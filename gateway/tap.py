@@ -33,7 +33,7 @@ from typing import Optional
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
@@ -215,9 +215,14 @@ def with_backlog(description: str) -> str:
 class GatewayService(MultiService):
     """
     The gateway's root service: its children are the periodic services and
-    the listeners; on stop, the listeners stop first (they were added last),
-    then open client connections drain, then idle backend connections are
-    closed.
+    the listeners; on stop, the listeners and health checks stop first,
+    then open client connections drain, then the services of the request
+    filters stop (L{after_drain}: the access-log file, Redis clients,
+    fetchers, which the requests still draining use), then idle backend
+    connections are closed.
+
+    @ivar after_drain: the children that stop after the drain, in the
+        order they were added.
 
     @ivar gateway: the L{gateway.state.Gateway}.
     @ivar drainer: the L{gateway.drain.Drainer} of the main listener, or
@@ -245,6 +250,7 @@ class GatewayService(MultiService):
         #: Callables returning a Deferred that fires when a listener
         #: listens, called once the children started (for READY=1).
         self.readiness: list = []
+        self.after_drain: list = []
 
     def startService(self) -> None:
         if self.collector is not None:
@@ -264,9 +270,16 @@ class GatewayService(MultiService):
 
     def stopService(self):
         self._notify("STOPPING=1")
-        d = super().stopService()
+        Service.stopService(self)
+
+        def stop(services) -> DeferredList:
+            # (As MultiService.stopService: the last added first, all at once.)
+            return DeferredList([maybeDeferred(s.stopService) for s in reversed(services)])
+
+        d = stop([s for s in self if s not in self.after_drain])
         if self.drainer is not None:
             d.addCallback(lambda _: self.drainer.drain(self.drain_timeout))
+        d.addCallback(lambda _: stop([s for s in self if s in self.after_drain]))
         d.addCallback(lambda _: self.gateway.close())
         d.addErrback(lambda f: _log.failure("stopping the gateway failed", f))
         return d
@@ -387,13 +400,14 @@ def makeService(
     if not is_master:
         # Before the listeners: health probes start before the first client
         # request, and the services of request filters (GC loops, fetchers,
-        # flushers) start before and stop after them. A master serves no
-        # traffic: its workers run these.
+        # flushers) start before them and stop after the drain. A master
+        # serves no traffic: its workers run these.
         HealthChecks(gateway).setServiceParent(root)
         for request_filter in gateway.filters:
             service = getattr(request_filter, "service", None)
             if service is not None:
                 service.setServiceParent(root)
+                root.after_drain.append(service)
 
     watcher = ConfigWatcher(
         gateway,

@@ -273,6 +273,23 @@ def test_access_log_file_writes_a_full_batch_before_the_interval(tmp_path):
 
 
 @pytest_twisted.inlineCallbacks
+def test_access_log_file_stop_writes_lines_that_come_while_it_stops(tmp_path):
+    from twisted.internet import reactor
+
+    path = tmp_path / "access.log"
+    f = AccessLogFile(str(path), reactor, flush_interval=3600, batch_size=4)
+    f.startService()
+    f.write(b"one\n")  # a batch is being written
+    assert f._writing is not None
+    stopped = f.stopService()
+    f.write(b"two\n")  # a request that finished meanwhile
+    yield stopped
+    assert path.read_bytes() == b"one\ntwo\n" and f.written == 2 and f.dropped == 0
+    f.write(b"three\n")  # after the stop: nobody will write it
+    assert f.dropped == 1 and b"three" not in path.read_bytes()
+
+
+@pytest_twisted.inlineCallbacks
 def test_access_log_file_counts_a_batch_it_cannot_write(tmp_path):
     from twisted.internet import reactor
 

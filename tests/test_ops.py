@@ -348,6 +348,45 @@ def test_ready_waits_for_the_listeners_and_the_running_reactor():
     assert sent == ["READY=1"]
 
 
+def test_filter_services_stop_after_the_drain():
+    """
+    The listeners stop, requests in flight drain, and only then the
+    filters' services (the access-log file, Redis clients), which those
+    requests still use.
+    """
+    from types import SimpleNamespace
+
+    from twisted.application.service import Service
+    from twisted.internet.testing import MemoryReactorClock
+
+    from gateway.tap import GatewayService
+
+    order = []
+
+    class Recorded(Service):
+        def stopService(self):
+            order.append(self.name)
+            return super().stopService()
+
+    class Drainer:
+        def drain(self, timeout):
+            order.append(f"drain {timeout}")
+            return defer.succeed(None)
+
+    gateway = SimpleNamespace(reactor=MemoryReactorClock(), close=lambda: order.append("close"))
+    service = GatewayService(gateway, Drainer(), 5.0)
+    for name in ("health", "access-log-file", "redis", "listener"):
+        child = Recorded()
+        child.setName(name)
+        child.setServiceParent(service)
+        if name in ("access-log-file", "redis"):
+            service.after_drain.append(child)
+    service.startService()
+    d = service.stopService()
+    assert order == ["listener", "health", "drain 5.0", "redis", "access-log-file", "close"]
+    assert d.called and not service.running
+
+
 # --- TLS config -------------------------------------------------------------------
 
 from gateway.config import ConfigError

@@ -160,13 +160,21 @@ def test_bad_reload_changes_nothing(backends):
 # --- graceful shutdown ------------------------------------------------------------------
 
 
-def test_sigterm_drains_in_flight_requests_then_exits_0(backends):
-    gw = Gateway(_two_services(backends, _ROUTES_A, "drain_timeout: 10s"))
+def test_sigterm_drains_in_flight_requests_then_exits_0(backends, tmp_path):
+    access = tmp_path / "access.jsonl"
+    gw = Gateway(
+        _two_services(
+            backends,
+            _ROUTES_A,
+            "drain_timeout: 10s\n"
+            f"observability: {{access_log: {{file: {access}, format: json, flush_interval: 60s}}}}",
+        )
+    )
     results = {}
 
     def slow():
         started = time.monotonic()
-        r = get(gw.port, "/stable/slow?delay=1.5", timeout=15)
+        r = get(gw.port, "/stable/slow?delay=1.5", timeout=15, headers={"X-Request-Id": "drained-1"})
         results["slow"] = (r.status, r.header("Connection"), time.monotonic() - started)
 
     try:
@@ -188,6 +196,11 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(backends):
     assert results["slow"][:2] == (200, "close")
     assert time.monotonic() - sent >= 1.0
     assert "draining 1 client connections (1 busy)" in gw.log()
+    # The access-log file was written after the drain: the drained request's line is in it.
+    import json
+
+    (line,) = access.read_text().splitlines()
+    assert json.loads(line)["request_id"] == "drained-1" and json.loads(line)["status"] == 200
 
 
 def test_drain_timeout_cuts_what_is_left(backends):
