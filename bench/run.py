@@ -749,7 +749,7 @@ def main(argv=None):
         try:
             # In rounds, every peer's i-th process before any peer's
             # (i+1)-th: a VM whose speed drifts during the run (it does,
-            # by a third within an hour) then weighs on every peer alike.
+            # by a third within half an hour) then weighs on every peer alike.
             for _ in range(args.processes if repeated else 0):
                 for key in repeated:
                     each_process[key].append([])
