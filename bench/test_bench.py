@@ -124,17 +124,8 @@ def test_median_over_processes_takes_each_scenarios_middle_process():
     assert failed == [{"scenario": "small", "status": "error: y"}]
 
 
-def test_an_interrupted_peer_keeps_the_processes_it_measured(monkeypatch, tmp_path):
-    """Ctrl-C during a peer's second process: the first process's rows are reported."""
-    calls = []
-
-    def bench_peer(ctx, peer, variant, scenarios, deadline, out):
-        calls.append(peer)
-        out.extend({"peer": peer, "variant": variant, "label": peer, "scenario": s} for s in scenarios)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        for row in out:
-            row.update(_row(peer, 1000.0, requests=5000))
+def _fake_peers(monkeypatch, bench_peer):
+    """run.main with C{bench_peer} for every peer, no origin, wrk or nginx needed."""
 
     class Origin:
         url = "http://127.0.0.1:1/"
@@ -149,6 +140,21 @@ def test_an_interrupted_peer_keeps_the_processes_it_measured(monkeypatch, tmp_pa
     monkeypatch.setattr(run, "Origin", Origin)
     monkeypatch.setattr(run.shutil, "which", lambda name: "/usr/bin/" + name)
     monkeypatch.setattr(run.nginxconf, "nginx_binary", lambda: "/usr/sbin/nginx")
+
+
+def test_an_interrupted_peer_keeps_the_processes_it_measured(monkeypatch, tmp_path):
+    """Ctrl-C during a peer's second process: the first process's rows are reported."""
+    calls = []
+
+    def bench_peer(ctx, peer, variant, scenarios, deadline, out):
+        calls.append(peer)
+        out.extend({"peer": peer, "variant": variant, "label": peer, "scenario": s} for s in scenarios)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        for row in out:
+            row.update(_row(peer, 1000.0, requests=5000))
+
+    _fake_peers(monkeypatch, bench_peer)
     out = tmp_path / "out.json"
     with pytest.raises(SystemExit) as exited:
         run.main(["--peers", "aiohttp", "--scenarios", "small", "--processes", "3", "--no-pin",
@@ -170,19 +176,7 @@ def test_processes_run_in_rounds_of_every_peer(monkeypatch, tmp_path):
         calls.append(peer)
         out.extend(_row(peer, next(rates), requests=5000, scenario=s) for s in scenarios)
 
-    class Origin:
-        url = "http://127.0.0.1:1/"
-
-        def __init__(self, *args, **kwargs):
-            pass
-
-        def start(self, *args, **kwargs):
-            pass
-
-    monkeypatch.setattr(run, "bench_peer", bench_peer)
-    monkeypatch.setattr(run, "Origin", Origin)
-    monkeypatch.setattr(run.shutil, "which", lambda name: "/usr/bin/" + name)
-    monkeypatch.setattr(run.nginxconf, "nginx_binary", lambda: "/usr/sbin/nginx")
+    _fake_peers(monkeypatch, bench_peer)
     out = tmp_path / "out.json"
     run.main(["--peers", "direct,nginx,aiohttp", "--scenarios", "small", "--processes", "2",
               "--no-pin", "--json", str(out)])
