@@ -750,7 +750,7 @@ def main(argv=None):
             # In rounds, every peer's i-th process before any peer's
             # (i+1)-th: a VM whose speed drifts during the run (it does,
             # by a third within half an hour) then weighs on every peer alike.
-            for _ in range(args.processes if repeated else 0):
+            for _ in range(args.processes):
                 for key in repeated:
                     each_process[key].append([])
                     bench_peer(ctx, *key, args.scenario_list, deadline, each_process[key][-1])
