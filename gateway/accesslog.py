@@ -8,8 +8,10 @@ C{twisted.logger} event in the namespace C{gateway.access} whose fields
 --log-format=json gateway ...} writes them as one JSON object per line, and
 a text log shows them through L{ACCESS_FORMAT}.
 
-Secrets are never logged: no request header is logged at all except
-C{User-Agent} and C{Referer} in the combined file, and query parameters
+Secrets are never logged: no request header is logged except
+C{User-Agent} and C{Referer} in the combined file and those named in
+C{access_log.headers} (never a credential header, whose value would be
+C{REDACTED}), and query parameters
 whose names look like credentials (L{SENSITIVE_QUERY_PARAMETERS}, plus any
 configured) have their values replaced by C{REDACTED}.
 L{redact_headers} is the one place that decides which headers are secret,
@@ -38,7 +40,10 @@ from twisted.python.threadpool import ThreadPool
 _log = Logger()
 _ACCESS_NAMESPACE = "gateway.access"
 
-#: The fields of every access-log event, in order.
+#: The fields of every access-log event, in order. With
+#: C{access_log.headers} configured, a last field C{request_headers} maps
+#: each named request header (lower case) to its value, or None when the
+#: request had none (L{access_fields}).
 ACCESS_FIELDS = (
     "time", "request_id", "trace_id", "client_ip", "consumer", "method", "path", "route",
     "service", "backend", "status", "bytes_in", "bytes_out", "duration_ms",
@@ -143,7 +148,11 @@ def access_fields(context, sensitive: frozenset = SENSITIVE_QUERY_PARAMETERS) ->
 
     Times are milliseconds, rounded to microseconds; C{path} carries the
     query string with sensitive values redacted; values that do not apply
-    (no route, no backend, no cache) are None.
+    (no route, no backend, no cache) are None. C{request_headers} follows
+    when the request's C{notes} hold the logged headers
+    (C{{"user-agent": "curl/8.0", "referer": None}}: a header's values
+    joined by C{", "}, RFC 9110 section 5.3), as the C{observe} filter
+    records them when C{access_log.headers} is configured.
     """
     route = context.route
     backend = context.backend
@@ -151,7 +160,7 @@ def access_fields(context, sensitive: frozenset = SENSITIVE_QUERY_PARAMETERS) ->
     upstream = None
     if context.upstream_ended >= context.upstream_started > 0:
         upstream = round((context.upstream_ended - context.upstream_started) * 1000, 3)
-    return {
+    fields = {
         "time": _iso_time(context.started),
         "request_id": context.request_id,
         "trace_id": trace.trace_id if trace is not None else None,
@@ -171,6 +180,10 @@ def access_fields(context, sensitive: frozenset = SENSITIVE_QUERY_PARAMETERS) ->
         "retries": context.retries,
         "error": context.error,
     }
+    headers = context.notes.get("request_headers")
+    if headers is not None:
+        fields["request_headers"] = headers
+    return fields
 
 
 def _unexpected(value) -> str:

@@ -8,7 +8,9 @@ The filter runs first (order 5). For each routed request it continues or
 starts the W3C trace and asks the forwarder to send the backend a
 C{traceparent} naming the gateway's span; it registers the access log,
 the dashboard feed and the optional OTLP exporter as request observers;
-its C{service} runs their timers and threads.
+its C{service} runs their timers and threads. Its C{on_unrouted} records
+the request headers the access log shows for requests no route matches
+too.
 
 The config section, all keys optional::
 
@@ -21,6 +23,7 @@ The config section, all keys optional::
         batch: 64KiB           # or as soon as this many bytes wait (0: only every flush_interval)
         max_buffer: 8MiB       # lines waiting for the disk beyond this are dropped
         redact_query: [session_id]   # more query parameters to redact
+        headers: [User-Agent, Referer, Host]   # request headers to log (not in the combined file)
       dashboard:
         enabled: true
         recent: 100            # latest requests kept and shown
@@ -37,19 +40,27 @@ The config section, all keys optional::
           timeout: 10s
 
 A reload applies C{access_log.enabled}, C{access_log.redact_query},
-C{tracing.enabled} and C{tracing.sample_new}; the other keys take effect at
+C{access_log.headers}, C{tracing.enabled} and C{tracing.sample_new}; the other keys take effect at
 the next start.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Optional
 
 import attrs
 from twisted.application.service import MultiService
 from twisted.logger import Logger
 
-from gateway.accesslog import FILE_FORMATS, SENSITIVE_QUERY_PARAMETERS, AccessLog, AccessLogFile
+from gateway.accesslog import (
+    FILE_FORMATS,
+    REDACTED,
+    SENSITIVE_HEADERS,
+    SENSITIVE_QUERY_PARAMETERS,
+    AccessLog,
+    AccessLogFile,
+)
 from gateway.config import (
     Extension,
     ParseContext,
@@ -61,6 +72,7 @@ from gateway.config import (
     one_of,
     positive_duration,
     register,
+    sequence,
     size,
     string,
     string_list,
@@ -85,6 +97,9 @@ class AccessLogSettings:
     @ivar max_buffer: bytes held for the file before lines are dropped.
     @ivar redact_query: query parameter names (lower case) whose values
         are redacted, including the defaults.
+    @ivar headers: request header names (lower-case C{bytes}) whose values
+        the access event and the JSON Lines file carry, in
+        C{request_headers}; none of L{SENSITIVE_HEADERS}.
     """
 
     enabled: bool = True
@@ -94,6 +109,7 @@ class AccessLogSettings:
     batch: int = 64 << 10
     max_buffer: int = 8 << 20
     redact_query: frozenset = SENSITIVE_QUERY_PARAMETERS
+    headers: tuple = ()
 
 
 @attrs.frozen
@@ -127,6 +143,29 @@ class Observability:
     tracing: TracingSettings = TracingSettings()
 
 
+# RFC 9110 section 5.6.2: a header field name is a token.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+
+
+def _logged_headers(where: Where, value: Any) -> tuple:
+    """
+    C{access_log.headers}: header names, lower case, each once.
+    @raise ConfigError: not a header name, or a header that carries
+        credentials (L{SENSITIVE_HEADERS}).
+    """
+    names: list = []
+    for w, item in sequence(where, value):
+        name = string(w, item)
+        if not _TOKEN.match(name):
+            raise w.error(f"not a header name: {name!r}")
+        lower = name.lower().encode("ascii")
+        if lower in SENSITIVE_HEADERS:
+            raise w.error(f"{name} carries credentials: the access log never records it")
+        if lower not in names:
+            names.append(lower)
+    return tuple(names)
+
+
 def _access_log(where: Where, value: Any) -> AccessLogSettings:
     section = Section(where, value)
     extra = section.take("redact_query", string_list, ())
@@ -138,6 +177,7 @@ def _access_log(where: Where, value: Any) -> AccessLogSettings:
         batch=section.take("batch", size, 64 << 10),
         max_buffer=section.take("max_buffer", size, 8 << 20),
         redact_query=SENSITIVE_QUERY_PARAMETERS | {name.lower() for name in extra},
+        headers=section.take("headers", _logged_headers, ()),
     )
     section.finish()
     return settings
@@ -225,6 +265,25 @@ def redacted_query_names(config) -> frozenset:
     return frozenset(names)
 
 
+def logged_headers(config) -> tuple:
+    """
+    What the access log records of the request headers: C{(name, key,
+    secret)} for each of C{access_log.headers}, with C{name} the header
+    (lower-case C{bytes}), C{key} its name in C{request_headers} (C{str})
+    and C{secret} true when a route's auth takes an API key from that
+    header (C{auth.api_key.header}): its value is then logged as
+    C{REDACTED}.
+    """
+    secret = set()
+    for route in config.routes:
+        header = getattr(route.options.get("auth"), "api_key_header", None)
+        if header:
+            secret.add(header.lower())
+    return tuple(
+        (name, name.decode("ascii"), name in secret) for name in settings_of(config).access_log.headers
+    )
+
+
 class ObserveFilter:
     """
     The C{observe} request filter (order 5): trace context on the way in,
@@ -299,12 +358,19 @@ class ObserveFilter:
             self.admin_children[b"dashboard"] = DashboardResource(self.feed)
         # Protocol, referer and user agent are in the combined format only.
         self._want_client_line = log_file is not None and settings.access_log.format == "combined"
+        self._logged_headers = logged_headers(gateway.snapshot.config)
         self._tracing = settings.tracing
         metrics = getattr(gateway, "metrics", None)
         if metrics is not None:
             metrics.prepare(gateway.snapshot.config, reactor.seconds())
 
-    def on_request(self, request, context) -> None:
+    def on_unrouted(self, request, context) -> None:
+        """
+        For a request no route matches (and, from L{on_request}, for every
+        routed one): record what the access log shows of its headers, the
+        combined file's protocol, referer and user agent, and
+        C{access_log.headers}.
+        """
         if self._want_client_line:
             headers = request.requestHeaders
             referer = headers.getRawHeaders(b"referer")
@@ -314,6 +380,12 @@ class ObserveFilter:
                 referer[0] if referer else None,
                 agent[0] if agent else None,
             )
+        if self._logged_headers:
+            context.notes["request_headers"] = self._request_headers(request.requestHeaders)
+
+    def on_request(self, request, context) -> None:
+        if self._want_client_line or self._logged_headers:
+            self.on_unrouted(request, context)
         tracing = self._tracing
         if not tracing.enabled:
             return None
@@ -325,6 +397,18 @@ class ObserveFilter:
         if trace.tracestate is None and tracestate is not None:
             context.upstream_remove.add(TRACESTATE)
         return None
+
+    def _request_headers(self, headers) -> dict:
+        logged = {}
+        for name, key, secret in self._logged_headers:
+            values = headers.getRawHeaders(name)
+            if values is None:
+                logged[key] = None
+            elif secret:
+                logged[key] = REDACTED
+            else:
+                logged[key] = b", ".join(values).decode("utf-8", "backslashreplace")
+        return logged
 
     def stats(self) -> dict:
         """Counters of the observability machinery itself, for C{/stats}."""
@@ -357,6 +441,7 @@ class ObserveFilter:
         new = settings_of(snapshot.config)
         self.access_log.enabled = new.access_log.enabled
         self.access_log.sensitive = redacted_query_names(snapshot.config)
+        self._logged_headers = logged_headers(snapshot.config)
         self._tracing = new.tracing
         metrics = getattr(self._gateway, "metrics", None)
         if metrics is not None:

@@ -24,6 +24,11 @@ A filter is an object with (all optional but C{name}):
   - C{on_request(request, context)}: returns None to continue, an
     L{Answer} to answer the client directly, or a Deferred firing with
     either. An exception becomes a 500 JSON answer carrying the request ID.
+  - C{on_unrouted(request, context)}: called, in place of C{on_request},
+    for a request that no route matches, before the gateway answers it
+    404; for filters that record what such a request carried (the access
+    log's user agent and headers). Its result is ignored and an exception
+    is logged.
   - C{on_response(request, context)}: called once response headers are
     set (by the backend or an L{Answer}) and before they are written; it
     may add, change or remove C{request.responseHeaders}.

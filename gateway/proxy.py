@@ -205,6 +205,11 @@ class ProxyResource(Resource):
                 context.notes[PREFLIGHT_BY_REQUESTED_METHOD] = True
         if route is None:
             context.error = "no route"
+            for on_unrouted in self._hooks().on_unrouted:
+                try:
+                    on_unrouted(request, context)
+                except Exception:
+                    _log.failure("request filter failed", request_id=context.request_id)
             self._answer(request, context, Answer.error_(404, "no route matches the request"))
             return server.NOT_DONE_YET
         context.route = route
@@ -597,7 +602,7 @@ class _Hooks:
     holding only the filters that define that hook.
     """
 
-    __slots__ = ("on_request", "on_response", "on_upstream_response", "on_upstream_failure")
+    __slots__ = ("on_request", "on_unrouted", "on_response", "on_upstream_response", "on_upstream_failure")
 
     def __init__(self, filters) -> None:
         for hook in self.__slots__:

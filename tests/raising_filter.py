@@ -6,7 +6,8 @@ C{tests/test_filters_e2e.py}).
 
 A request with C{X-Test-Raise: request} makes C{on_request} raise;
 C{deferred}, return a failed Deferred; C{response}, makes C{on_response}
-raise.
+raise; C{unrouted}, makes C{on_unrouted} raise (for a request no route
+matches).
 """
 
 from twisted.internet.defer import fail
@@ -35,6 +36,10 @@ class RaisingFilter:
         if mode == b"deferred":
             return fail(RuntimeError("test filter failed its Deferred"))
         return None
+
+    def on_unrouted(self, request, context):
+        if self._mode(request) == b"unrouted":
+            raise RuntimeError("test filter raised on an unrouted request")
 
     def on_response(self, request, context):
         if self._mode(request) == b"response":

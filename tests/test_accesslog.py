@@ -195,6 +195,16 @@ def test_json_line_is_the_event_fields_on_one_ascii_line():
     assert b"abc" not in json_line(context, frozenset(["token"]))
 
 
+def test_logged_request_headers_are_the_last_field():
+    context = finished(config(), notes={"request_headers": {"user-agent": "caf\u00e9/1", "host": None}})
+    fields = access_fields(context)
+    assert tuple(fields) == ACCESS_FIELDS + ("request_headers",)
+    assert json.loads(json_line(context))["request_headers"] == {"user-agent": "caf\u00e9/1", "host": None}
+    events = []
+    AccessLog(None, observer=events.append)(context)
+    assert events[0]["request_headers"] == {"user-agent": "caf\u00e9/1", "host": None}
+
+
 class Lines:
     def __init__(self):
         self.lines = []

@@ -80,6 +80,21 @@ def test_a_raising_response_filter_is_logged_and_the_response_goes_out(raising, 
     assert failure_event["request_id"] == r.header("X-Request-Id")
 
 
+def test_an_unrouted_request_runs_on_unrouted_and_is_still_a_404(raising, events):
+    gw = StubGateway(
+        BASE
+        + "routes: [{name: r, service: svc, match: {path_prefix: /api}}]\n"
+        + "observability: {access_log: {headers: [User-Agent]}}\n"
+    )
+    r = gw.request("GET", "/elsewhere", headers={"X-Test-Raise": "unrouted", "User-Agent": "scanner/1"})
+    assert r.code == 404 and gw.backend.requests == []
+    (failure_event,) = [e for e in events if e.get("log_failure") is not None]
+    assert failure_event["request_id"] == r.header("X-Request-Id")
+    # The observe filter's on_unrouted ran before the raising filter's.
+    (access,) = [e for e in events if e.get("log_namespace") == "gateway.access"]
+    assert access["status"] == 404 and access["request_headers"] == {"user-agent": "scanner/1"}
+
+
 def test_every_event_of_a_refused_request_carries_its_id(events):
     gw = StubGateway(
         BASE + "consumers: [{name: c, api_keys: [k]}]\n"

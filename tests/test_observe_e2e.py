@@ -343,7 +343,8 @@ def test_twist_json_log_has_one_object_per_line_with_access_fields(backends):
     twist = Twist(
         config(
             backends,
-            f"observability: {{access_log: {{file: {combined}, flush_interval: 100ms}}}}",
+            f"observability: {{access_log: {{file: {combined}, flush_interval: 100ms, "
+            "headers: [User-Agent, X-Forwarded-For]}}",
         )
     )
     try:
@@ -360,7 +361,7 @@ def test_twist_json_log_has_one_object_per_line_with_access_fields(backends):
             },
         )
         assert r.status == 200
-        get(twist.port, "/unrouted", headers={"X-Request-Id": "json-log-2"})
+        get(twist.port, "/unrouted", headers={"X-Request-Id": "json-log-2", "User-Agent": "scan/2"})
         wait_for(lambda: b"/unrouted" in open(combined, "rb").read(), timeout=5, what="the combined log")
     finally:
         assert twist.stop() == 0, twist.text()
@@ -383,8 +384,10 @@ def test_twist_json_log_has_one_object_per_line_with_access_fields(backends):
     assert first["backend"].startswith("http://127.0.0.1:")
     assert first["duration_ms"] > 0 and first["upstream_duration_ms"] > 0
     assert first["bytes_out"] == len(r.body) and first["retries"] == 0
+    assert first["request_headers"] == {"user-agent": "obs-test/1.0", "x-forwarded-for": None}
     second = by_id["json-log-2"]
     assert second["status"] == 404 and second["route"] is None
+    assert second["request_headers"] == {"user-agent": "scan/2", "x-forwarded-for": None}
     assert "SECRET" not in text
     log = open(combined, "rb").read()
     os.unlink(combined)
@@ -394,6 +397,8 @@ def test_twist_json_log_has_one_object_per_line_with_access_fields(backends):
         log,
         re.M,
     ), log
+    # A request no route matches has its user agent in the line too.
+    assert re.search(rb'^127\.0\.0\.1 - - \[[^]]+\] "GET /unrouted HTTP/1\.1" 404 \d+ "-" "scan/2"$', log, re.M), log
 
 
 def test_json_lines_access_file_instead_of_the_event(backends, tmp_path):
@@ -408,11 +413,15 @@ def test_json_lines_access_file_instead_of_the_event(backends, tmp_path):
         config(
             backends,
             f"observability: {{access_log: {{enabled: false, file: {path}, format: json, "
-            "flush_interval: 100ms}}",
+            "flush_interval: 100ms, headers: [User-Agent, Host, Referer]}}",
         )
     )
     try:
-        r = get(gw.port, "/pair/echo?token=t-SECRET-1&q=1", headers={"X-Request-Id": "jsonl-1"})
+        r = get(
+            gw.port,
+            "/pair/echo?token=t-SECRET-1&q=1",
+            headers={"X-Request-Id": "jsonl-1", "User-Agent": "jsonl-test/1"},
+        )
         assert r.status == 200
         get(gw.port, "/unrouted", headers={"X-Request-Id": "jsonl-2"})
         wait_for(
@@ -430,13 +439,20 @@ def test_json_lines_access_file_instead_of_the_event(backends, tmp_path):
     records = {}
     for line in lines:
         record = json.loads(line)
-        assert tuple(record) == ACCESS_FIELDS
+        assert tuple(record) == ACCESS_FIELDS + ("request_headers",)
         records[record["request_id"]] = record
     first, second = records["jsonl-1"], records["jsonl-2"]
+    assert first["request_headers"] == {
+        "user-agent": "jsonl-test/1",
+        "host": f"127.0.0.1:{gw.port}",
+        "referer": None,
+    }
     assert first["path"] == "/pair/echo?token=REDACTED&q=1" and first["status"] == 200
     assert first["route"] == "pair" and first["bytes_out"] == len(r.body)
     assert first["upstream_duration_ms"] > 0 and first["backend"].startswith("http://127.0.0.1:")
     assert second["status"] == 404 and second["route"] is None
+    # No route: the headers are recorded all the same.
+    assert second["request_headers"]["host"] == f"127.0.0.1:{gw.port}"
     assert "jsonl-1" not in gw.log()
 
 
