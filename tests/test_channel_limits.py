@@ -245,3 +245,60 @@ def test_connection_lost_cancels_the_header_deadline():
 
     protocol.connectionLost(Failure(ConnectionDone()))
     assert reactor.getDelayedCalls() == []
+
+
+def connect_routed(**values):
+    """L{connect} with a route to a backend that never answers."""
+    reactor = MemoryReactorClock()
+    text = CONFIG.replace("routes: []", "routes: [{name: r, match: {path_prefix: /}, service: svc}]")
+    gateway = Gateway(reactor, parse_config(text % limits(**values)))
+    site = GatewaySite(gateway, reactor=reactor)
+    protocol = site.buildProtocol(IPv4Address("TCP", "192.0.2.7", 40000))
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
+    protocol.makeConnection(transport)
+    return reactor, protocol, transport
+
+
+def test_idle_timeout_is_one_call_moved_later_not_one_per_request():
+    reactor, protocol, transport = connect(client_idle_timeout="2s")
+    channel = protocol._channel
+    (idle,) = reactor.getDelayedCalls()
+    made = []
+    original = channel.callLater
+    channel.callLater = lambda *a, **kw: made.append(a) or original(*a, **kw)
+    for _ in range(3):
+        reactor.advance(1.5)
+        protocol.dataReceived(b"GET /x HTTP/1.1\r\nHost: gw\r\n\r\n")
+        assert answer(transport)[0] == 404
+        transport.clear()
+    # Three requests, 4.5 s: the same call, moved later each time
+    # (Twisted's TimeoutMixin makes a new one per request).
+    assert made == [] and reactor.getDelayedCalls() == [idle] and idle.active()
+    reactor.advance(1.9)
+    assert not transport.disconnecting
+    reactor.advance(0.2)
+    assert transport.disconnecting and not idle.active()
+
+
+def test_idle_timeout_waits_while_a_request_is_in_flight():
+    reactor, protocol, transport = connect_routed(client_idle_timeout="2s")
+    protocol.dataReceived(b"GET /slow HTTP/1.1\r\nHost: gw\r\n\r\n")
+    reactor.advance(10)  # the backend has not answered: not idle
+    assert not transport.disconnecting and transport.value() == b""
+    reactor.advance(21)  # the response timeout (30 s) answers the client
+    assert answer(transport)[0] == 504
+    reactor.advance(1.9)  # idle from the end of the response
+    assert not transport.disconnecting
+    reactor.advance(0.2)
+    assert transport.disconnecting
+
+
+def test_connection_lost_cancels_the_idle_timeout():
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+
+    reactor, protocol, transport = connect(client_idle_timeout="2s", client_header_timeout=0)
+    protocol.dataReceived(b"GET /x HTTP/1.1\r\nHost: gw\r\n\r\n")
+    assert reactor.getDelayedCalls() != []
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert reactor.getDelayedCalls() == []
