@@ -873,7 +873,9 @@ class GatewayChannel(http.HTTPChannel):
     Here C{setTimeout(None)} only pauses the timeout; the next
     C{setTimeout(seconds)} moves the same call later (C{reset}: no heap
     operation until it comes due), and a call that comes due while paused
-    does nothing and is dropped. C{connectionLost} cancels it.
+    does nothing and is dropped. C{connectionLost} cancels it (a switch
+    to HTTP/2, which pauses this channel's timeout and leaves it, lets
+    the call come due and do nothing).
     """
 
     _header_timeout: Optional[float] = None
