@@ -8,12 +8,13 @@ C{twisted.logger} event in the namespace C{gateway.access} whose fields
 --log-format=json gateway ...} writes them as one JSON object per line, and
 a text log shows them through L{ACCESS_FORMAT}.
 
-Secrets are never logged: no request header is logged except
-C{User-Agent} and C{Referer} in the combined file and those named in
-C{access_log.headers} (never a credential header, whose value would be
-C{REDACTED}), and query parameters
-whose names look like credentials (L{SENSITIVE_QUERY_PARAMETERS}, plus any
-configured) have their values replaced by C{REDACTED}.
+No request header is logged except C{User-Agent} and C{Referer} in the
+combined file and those named in C{access_log.headers}, which may not
+name one of L{SENSITIVE_HEADERS} (a header a route takes API keys from
+is logged as C{REDACTED}; any other is logged as it came, so name none
+that carries a secret); query parameters whose names look like
+credentials (L{SENSITIVE_QUERY_PARAMETERS}, plus any configured) have
+their values replaced by C{REDACTED}.
 L{redact_headers} is the one place that decides which headers are secret,
 for any code that must show headers.
 
@@ -230,8 +231,8 @@ def combined_line(context, sensitive: frozenset = SENSITIVE_QUERY_PARAMETERS) ->
 
     The user field is the consumer (C{-} for none). The protocol, referer
     and user agent come from C{context.notes["client"]}, which the
-    observability filter sets for routed requests; requests no route
-    matched show C{HTTP/1.1}, C{-} and C{-}.
+    observability filter sets (also for requests no route matched, and
+    for refused ones); without it they show C{HTTP/1.1}, C{-} and C{-}.
     """
     t = time.gmtime(int(context.started))
     stamp = b"%02d/%s/%04d:%02d:%02d:%02d +0000" % (

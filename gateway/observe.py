@@ -276,8 +276,9 @@ def logged_headers(config) -> tuple:
     """
     secret = set()
     for route in config.routes:
-        header = getattr(route.options.get("auth"), "api_key_header", None)
-        if header:
+        auth = route.options.get("auth")
+        header = getattr(auth, "api_key_header", None)
+        if header and "api_key" in auth.methods:
             secret.add(header.lower())
     return tuple(
         (name, name.decode("ascii"), name in secret) for name in settings_of(config).access_log.headers

@@ -26,9 +26,11 @@ A filter is an object with (all optional but C{name}):
     either. An exception becomes a 500 JSON answer carrying the request ID.
   - C{on_unrouted(request, context)}: called, in place of C{on_request},
     for a request that no route matches, before the gateway answers it
-    404; for filters that record what such a request carried (the access
-    log's user agent and headers). Its result is ignored and an exception
-    is logged.
+    404, and for a request the listener refuses before routing (408,
+    413, 414, 431; then C{request} has only C{requestHeaders}, those
+    received so far, and C{clientproto}); for filters that record what
+    such a request carried (the access log's user agent and headers).
+    Its result is ignored and an exception is logged.
   - C{on_response(request, context)}: called once response headers are
     set (by the backend or an L{Answer}) and before they are written; it
     may add, change or remove C{request.responseHeaders}.

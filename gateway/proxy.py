@@ -786,7 +786,7 @@ def refuse_connection(
         request_id=request_id,
     )
     if gateway is not None:
-        _observe_refusal(gateway, request_id, client, status, message, method, target, len(body))
+        _observe_refusal(gateway, request_id, client, status, message, method, target, len(body), headers)
 
 
 def refuse_on(channel: http.HTTPChannel, status: int, message: str, headers=None) -> None:
@@ -822,8 +822,24 @@ def _security_header_lines(gateway: Gateway, secure: bool) -> bytes:
     )
 
 
-def _observe_refusal(gateway, request_id, client, status, message, method, target, sent) -> None:
-    """Report a refused request to the request observers, as L{ProxyResource._finished} does."""
+class _Refused:
+    """What the filters' C{on_unrouted} hooks read of a refused request."""
+
+    __slots__ = ("requestHeaders", "clientproto")
+
+    def __init__(self, headers) -> None:
+        from twisted.web.http_headers import Headers
+
+        self.requestHeaders = headers if headers is not None else Headers()
+        self.clientproto = b"HTTP/1.1"
+
+
+def _observe_refusal(gateway, request_id, client, status, message, method, target, sent, headers=None) -> None:
+    """
+    Report a refused request to the request observers, as
+    L{ProxyResource._finished} does, after the filters' C{on_unrouted}
+    hooks have seen the headers received so far (C{headers}, or None).
+    """
     now = gateway.reactor.seconds()
     path, query = split_target(target) if target else (b"", b"")
     context = RequestContext(request_id, method or b"-", path, client, now)
@@ -833,6 +849,14 @@ def _observe_refusal(gateway, request_id, client, status, message, method, targe
     context.error = message
     context.bytes_out = sent
     context.ended = now
+    refused = _Refused(headers)
+    for f in gateway.filters:
+        on_unrouted = getattr(f, "on_unrouted", None)
+        if on_unrouted is not None:
+            try:
+                on_unrouted(refused, context)
+            except Exception:
+                _log.failure("request filter failed", request_id=request_id)
     notify_observers(gateway.request_observers, context)
 
 
@@ -866,16 +890,16 @@ class GatewayChannel(http.HTTPChannel):
     request ID, then the connection is closed.
 
     The idle timeout is one C{DelayedCall} for the connection's life.
-    Twisted's C{TimeoutMixin} cancels its call when a request's head is
-    whole (C{setTimeout(None)}: a request may take long) and makes a new
-    one when the response is done: a C{callLater}, a push onto the
-    reactor's heap and a cancelled call left in it, for every request.
-    Here C{setTimeout(None)} only pauses the timeout; the next
-    C{setTimeout(seconds)} moves the same call later (C{reset}: no heap
-    operation until it comes due), and a call that comes due while paused
-    does nothing and is dropped. C{connectionLost} cancels it (a switch
-    to HTTP/2, which pauses this channel's timeout and leaves it, lets
-    the call come due and do nothing).
+    Twisted's C{TimeoutMixin} cancels its call once a request has been
+    read whole (C{setTimeout(None)} in C{allContentReceived}: the response
+    may take long) and makes a new one when the response is done: a
+    C{callLater}, a push onto the reactor's heap and a cancelled call
+    left in it, for every request. Here C{setTimeout(None)} with a request
+    in progress only pauses the timeout; the next C{setTimeout(seconds)}
+    moves the same call later (C{reset}: no heap operation until it comes
+    due), and a call that comes due while paused does nothing and is
+    dropped. With no request in progress (a switch to HTTP/2, the
+    connection lost) C{setTimeout(None)} cancels the call.
     """
 
     _header_timeout: Optional[float] = None
@@ -963,18 +987,23 @@ class GatewayChannel(http.HTTPChannel):
     def setTimeout(self, period: Optional[float]) -> Optional[float]:
         """
         Set the idle timeout to C{period} seconds from now, or pause it
-        (None), as C{TimeoutMixin.setTimeout} does, keeping one call.
+        (None) while a request is in progress (cancel it otherwise), as
+        C{TimeoutMixin.setTimeout} does, keeping one call.
 
         @return: the previous period.
         """
         previous = self.timeOut
         self.timeOut = period
+        call = self._idle_call
         if period is not None:
-            call = self._idle_call
             if call is None:
                 self._idle_call = self.callLater(period, self._idle_timed_out)
             else:
                 call.reset(period)
+        elif call is not None and not self.requests:
+            self._idle_call = None
+            if call.active():
+                call.cancel()
         return previous
 
     def resetTimeout(self) -> None:

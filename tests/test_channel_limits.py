@@ -30,9 +30,9 @@ def limits(**values) -> str:
     return "\n".join(f"  {k}: {v}" for k, v in values.items()) or "  {}"
 
 
-def connect(**values):
+def connect(extra: str = "", **values):
     reactor = MemoryReactorClock()
-    gateway = Gateway(reactor, parse_config(CONFIG % limits(**values)))
+    gateway = Gateway(reactor, parse_config(CONFIG % limits(**values) + extra))
     site = GatewaySite(gateway, reactor=reactor)
     protocol = site.buildProtocol(IPv4Address("TCP", "192.0.2.7", 40000))
     transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
@@ -210,6 +210,25 @@ def test_refusal_before_a_request_line_is_observed_too():
     assert (context.status, context.method, context.path) == (414, b"-", b"")
 
 
+def test_refusals_have_the_logged_request_headers():
+    logged = "observability: {access_log: {headers: [User-Agent, X-H0, Host]}}\n"
+    reactor, protocol, transport = connect(logged, max_header_count=2)
+    seen = []
+    protocol._channel.site.gateway.request_observers.append(seen.append)
+    protocol.dataReceived(b"GET /x HTTP/1.1\r\nUser-Agent: ua/1\r\n" + headers(3) + b"\r\n")
+    assert answer(transport)[0] == 431
+    (context,) = seen
+    # The headers received before the refusal.
+    assert context.notes["request_headers"] == {"user-agent": "ua/1", "x-h0": "v", "host": None}
+    reactor, protocol, transport = connect(logged, max_header_bytes="1KiB")
+    seen = []
+    protocol._channel.site.gateway.request_observers.append(seen.append)
+    protocol.dataReceived(b"GET /" + b"a" * 2000 + b" HTTP/1.1\r\n")
+    assert answer(transport)[0] == 414
+    (context,) = seen
+    assert context.notes["request_headers"] == {"user-agent": None, "x-h0": None, "host": None}
+
+
 def test_no_security_headers_on_a_refusal_when_switched_off():
     reactor = MemoryReactorClock()
     gateway = Gateway(reactor, parse_config(CONFIG % limits(max_header_count=1) + "security_headers: false\n"))
@@ -301,4 +320,11 @@ def test_connection_lost_cancels_the_idle_timeout():
     protocol.dataReceived(b"GET /x HTTP/1.1\r\nHost: gw\r\n\r\n")
     assert reactor.getDelayedCalls() != []
     protocol.connectionLost(Failure(ConnectionDone()))
+    assert reactor.getDelayedCalls() == []
+
+
+def test_pausing_with_no_request_in_progress_cancels_the_idle_timeout():
+    reactor, protocol, transport = connect(client_idle_timeout="2s", client_header_timeout=0)
+    assert reactor.getDelayedCalls() != []
+    protocol._channel.setTimeout(None)  # as the switch to HTTP/2 does
     assert reactor.getDelayedCalls() == []

@@ -90,7 +90,7 @@ def test_an_unrouted_request_runs_on_unrouted_and_is_still_a_404(raising, events
     assert r.code == 404 and gw.backend.requests == []
     (failure_event,) = [e for e in events if e.get("log_failure") is not None]
     assert failure_event["request_id"] == r.header("X-Request-Id")
-    # The observe filter's on_unrouted ran before the raising filter's.
+    # The observe filter's on_unrouted ran although another filter's raised.
     (access,) = [e for e in events if e.get("log_namespace") == "gateway.access"]
     assert access["status"] == 404 and access["request_headers"] == {"user-agent": "scanner/1"}
 

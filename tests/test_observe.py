@@ -200,6 +200,12 @@ def test_logged_request_headers():
         "my-key": "REDACTED",
     }
     assert "client" not in context.notes  # no combined file
+    # A reload moves the redaction with the route's API-key header.
+    moved = text.replace("api_key: {header: My-Key}", "api_key: {header: Other-Key}")
+    gateway.apply(parse_config(moved, "gw.yaml"))
+    context.notes.clear()
+    find(gateway).on_request(request, context)
+    assert context.notes["request_headers"]["my-key"] == "k-123"
     plain = make_gateway()
     context = finished(plain.snapshot.config)
     context.notes.clear()
