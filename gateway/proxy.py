@@ -888,23 +888,10 @@ class GatewayChannel(http.HTTPChannel):
 
     Each refusal is answered with L{refuse_connection}: a JSON body with a
     request ID, then the connection is closed.
-
-    The idle timeout is one C{DelayedCall} for the connection's life.
-    Twisted's C{TimeoutMixin} cancels its call once a request has been
-    read whole (C{setTimeout(None)} in C{allContentReceived}: the response
-    may take long) and makes a new one when the response is done: a
-    C{callLater}, a push onto the reactor's heap and a cancelled call
-    left in it, for every request. Here C{setTimeout(None)} with a request
-    in progress only pauses the timeout; the next C{setTimeout(seconds)}
-    moves the same call later (C{reset}: no heap operation until it comes
-    due), and a call that comes due while paused does nothing and is
-    dropped. With no request in progress (a switch to HTTP/2, the
-    connection lost) C{setTimeout(None)} cancels the call.
     """
 
     _header_timeout: Optional[float] = None
     _header_call = None
-    _idle_call = None
     _secure: Optional[bool] = None
     _host = None
     _peer = None
@@ -984,45 +971,9 @@ class GatewayChannel(http.HTTPChannel):
         self._cancel_header_timeout()
         super().allHeadersReceived()
 
-    def setTimeout(self, period: Optional[float]) -> Optional[float]:
-        """
-        Set the idle timeout to C{period} seconds from now, or pause it
-        (None) while a request is in progress (cancel it otherwise), as
-        C{TimeoutMixin.setTimeout} does, keeping one call.
-
-        @return: the previous period.
-        """
-        previous = self.timeOut
-        self.timeOut = period
-        call = self._idle_call
-        if period is not None:
-            if call is None:
-                self._idle_call = self.callLater(period, self._idle_timed_out)
-            else:
-                call.reset(period)
-        elif call is not None and not self.requests:
-            self._idle_call = None
-            if call.active():
-                call.cancel()
-        return previous
-
-    def resetTimeout(self) -> None:
-        """Restart the idle timeout (at each read), unless it is paused."""
-        call = self._idle_call
-        if call is not None and self.timeOut is not None:
-            call.reset(self.timeOut)
-
-    def _idle_timed_out(self) -> None:
-        self._idle_call = None
-        if self.timeOut is not None:
-            self.timeoutConnection()
-
     def connectionLost(self, reason) -> None:
         self._cancel_header_timeout()
         super().connectionLost(reason)
-        call, self._idle_call = self._idle_call, None
-        if call is not None and call.active():
-            call.cancel()
 
     def _cancel_header_timeout(self) -> None:
         call, self._header_call = self._header_call, None

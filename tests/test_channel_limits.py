@@ -278,27 +278,6 @@ def connect_routed(**values):
     return reactor, protocol, transport
 
 
-def test_idle_timeout_is_one_call_moved_later_not_one_per_request():
-    reactor, protocol, transport = connect(client_idle_timeout="2s")
-    channel = protocol._channel
-    (idle,) = reactor.getDelayedCalls()
-    made = []
-    original = channel.callLater
-    channel.callLater = lambda *a, **kw: made.append(a) or original(*a, **kw)
-    for _ in range(3):
-        reactor.advance(1.5)
-        protocol.dataReceived(b"GET /x HTTP/1.1\r\nHost: gw\r\n\r\n")
-        assert answer(transport)[0] == 404
-        transport.clear()
-    # Three requests, 4.5 s: the same call, moved later each time
-    # (Twisted's TimeoutMixin makes a new one per request).
-    assert made == [] and reactor.getDelayedCalls() == [idle] and idle.active()
-    reactor.advance(1.9)
-    assert not transport.disconnecting
-    reactor.advance(0.2)
-    assert transport.disconnecting and not idle.active()
-
-
 def test_idle_timeout_waits_while_a_request_is_in_flight():
     reactor, protocol, transport = connect_routed(client_idle_timeout="2s")
     protocol.dataReceived(b"GET /slow HTTP/1.1\r\nHost: gw\r\n\r\n")
