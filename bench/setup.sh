@@ -3,7 +3,8 @@
 #
 #   PYTHON=/work/venv/bin/python sh bench/setup.sh
 #
-# System packages (wrk, nginx-light, and golang-go for the Go peer) are
+# System packages (wrk, nginx-light, golang-go for the Go peer, valgrind
+# and apache2-utils for bench/instructions.py) are
 # installed with apt-get only when the binaries are missing; aiohttp and
 # uvloop (the aiohttp peer) go into the Python environment named by $PYTHON
 # (default: python3).
@@ -19,6 +20,9 @@ fi
 # Go's httputil.ReverseProxy peer (bench/peers/goproxy.go: standard library
 # only, built offline by the harness).
 command -v go >/dev/null 2>&1 || need_apt="$need_apt golang-go"
+# bench/instructions.py: callgrind's counts, ApacheBench's fixed request counts.
+command -v valgrind >/dev/null 2>&1 || need_apt="$need_apt valgrind"
+command -v ab >/dev/null 2>&1 || need_apt="$need_apt apache2-utils"
 
 if [ -n "$need_apt" ]; then
     SUDO=""
@@ -33,7 +37,7 @@ if [ -n "$need_apt" ]; then
         $SUDO systemctl disable --now nginx >/dev/null 2>&1 || true
     fi
 else
-    echo "setup: wrk, nginx and go already present"
+    echo "setup: wrk, nginx, go, valgrind and ab already present"
 fi
 
 if "$PYTHON" -c 'import aiohttp, uvloop' >/dev/null 2>&1; then

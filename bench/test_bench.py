@@ -282,3 +282,69 @@ def test_workers_budget_quota_is_at_least_a_millisecond():
     with pytest.raises(SystemExit):
         workers.parse_args(["--cpu-budget", "0.05"])  # 500 us of a 10 ms period
     assert workers.parse_args(["--cpu-budget", "0.1"]).cpu_budget == 0.1
+
+
+# --- bench/instructions.py ---------------------------------------------------------
+
+import instructions  # noqa: E402
+
+AB_REPORT = """\
+Concurrency Level:      16
+Complete requests:      2000
+Failed requests:        0
+Keep-Alive requests:    2000
+"""
+
+
+def test_callgrind_total_reads_the_totals_line(tmp_path):
+    out = tmp_path / "callgrind.out"
+    out.write_text("version: 1\nevents: Ir\nsummary: 0\nfn=(1) x\n0 5\ntotals: 2583915386\n")
+    assert instructions.callgrind_total(str(out)) == 2583915386
+    out.write_text("events: Ir\nsummary: 77\n")
+    assert instructions.callgrind_total(str(out)) == 77
+    out.write_text("events: Ir\n")
+    with pytest.raises(ValueError, match="no totals"):
+        instructions.callgrind_total(str(out))
+
+
+def test_ab_check_refuses_short_failed_or_non_2xx_runs():
+    instructions.ab_check(AB_REPORT, 2000)
+    with pytest.raises(RuntimeError, match="completed 2000 of 3000"):
+        instructions.ab_check(AB_REPORT, 3000)
+    with pytest.raises(RuntimeError, match="3 requests failed"):
+        instructions.ab_check(AB_REPORT.replace("Failed requests:        0", "Failed requests:        3"), 2000)
+    with pytest.raises(RuntimeError, match="5 answers were not 2xx"):
+        instructions.ab_check(AB_REPORT + "Non-2xx responses:      5\n", 2000)
+
+
+def test_instruction_rows_and_table():
+    args = instructions.parse_args(
+        ["--gateway-config", "new=a.yaml", "--gateway-config", "old=a.yaml", "--checkout", "old=/tmp/old"]
+    )
+    rows = instructions.rows_of(args)
+    assert [r["name"] for r in rows] == ["new", "old"]
+    assert rows[0]["checkout"] == instructions.REPO and rows[1]["checkout"] == "/tmp/old"
+    with pytest.raises(SystemExit, match="no --gateway-config row named other"):
+        instructions.rows_of(instructions.parse_args(["--gateway-config", "a.yaml", "--checkout", "other=/x"]))
+    table = instructions.render(
+        [{"name": "new", "counts": [1000.0, 1002.0]}, {"name": "old", "counts": [1100.0, 1100.0]}, {"name": "x", "counts": []}]
+    )
+    lines = table.splitlines()
+    assert lines[1].split()[:3] == ["new", "1,001", "1.0000"]
+    assert lines[2].split()[:3] == ["old", "1,100", "1.0989"]
+    assert "(not measured)" in lines[3]
+
+
+@pytest.mark.parametrize(
+    "name", sorted(n for n in os.listdir(os.path.join(run.HERE, "scenarios")) if n.endswith(".yaml"))
+)
+def test_every_scenario_is_a_valid_config(name, tmp_path):
+    import string
+
+    from gateway.config import parse_config
+
+    with open(os.path.join(run.HERE, "scenarios", name)) as f:
+        text = string.Template(f.read()).safe_substitute(
+            PORT=8080, ADMIN_PORT=8081, ORIGIN_URL="http://127.0.0.1:9000", ORIGIN_PORT=9000, TMPDIR=tmp_path
+        )
+    parse_config(text, name)
