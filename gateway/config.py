@@ -264,6 +264,14 @@ def one_of(*choices: str):
     return parse
 
 
+def header_name(where: Where, value: Any) -> str:
+    """A header field name: a token (RFC 9110 section 5.6.2). @raise ConfigError: it is not."""
+    name = string(where, value)
+    if not _TOKEN.fullmatch(name):
+        raise where.error(f"not a header name: {name!r}")
+    return name
+
+
 def string_list(where: Where, value: Any) -> tuple[str, ...]:
     return tuple(string(w, item) for w, item in sequence(where, value))
 

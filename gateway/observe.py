@@ -46,7 +46,6 @@ the next start.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Optional
 
 import attrs
@@ -67,6 +66,7 @@ from gateway.config import (
     Section,
     Where,
     boolean,
+    header_name,
     integer,
     mapping_items,
     one_of,
@@ -143,10 +143,6 @@ class Observability:
     tracing: TracingSettings = TracingSettings()
 
 
-# RFC 9110 section 5.6.2: a header field name is a token.
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-
-
 def _logged_headers(where: Where, value: Any) -> tuple:
     """
     C{access_log.headers}: header names, lower case, each once.
@@ -155,9 +151,7 @@ def _logged_headers(where: Where, value: Any) -> tuple:
     """
     names: list = []
     for w, item in sequence(where, value):
-        name = string(w, item)
-        if not _TOKEN.match(name):
-            raise w.error(f"not a header name: {name!r}")
+        name = header_name(w, item)
         lower = name.lower().encode("ascii")
         if lower in SENSITIVE_HEADERS:
             raise w.error(f"{name} carries credentials: the access log never records it")

@@ -205,11 +205,7 @@ class ProxyResource(Resource):
                 context.notes[PREFLIGHT_BY_REQUESTED_METHOD] = True
         if route is None:
             context.error = "no route"
-            for on_unrouted in self._hooks().on_unrouted:
-                try:
-                    on_unrouted(request, context)
-                except Exception:
-                    _log.failure("request filter failed", request_id=context.request_id)
+            _run_unrouted(self._hooks().on_unrouted, request, context)
             self._answer(request, context, Answer.error_(404, "no route matches the request"))
             return server.NOT_DONE_YET
         context.route = route
@@ -849,15 +845,17 @@ def _observe_refusal(gateway, request_id, client, status, message, method, targe
     context.error = message
     context.bytes_out = sent
     context.ended = now
-    refused = _Refused(headers)
-    for f in gateway.filters:
-        on_unrouted = getattr(f, "on_unrouted", None)
-        if on_unrouted is not None:
-            try:
-                on_unrouted(refused, context)
-            except Exception:
-                _log.failure("request filter failed", request_id=request_id)
+    _run_unrouted(_Hooks(gateway.filters).on_unrouted, _Refused(headers), context)
     notify_observers(gateway.request_observers, context)
+
+
+def _run_unrouted(hooks, request, context: RequestContext) -> None:
+    """Run the filters' C{on_unrouted} C{hooks}; one that raises is logged, the others still run."""
+    for on_unrouted in hooks:
+        try:
+            on_unrouted(request, context)
+        except Exception:
+            _log.failure("request filter failed", request_id=context.request_id)
 
 
 def notify_observers(observers, context: RequestContext) -> None:
