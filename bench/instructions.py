@@ -40,7 +40,6 @@ import argparse
 import os
 import re
 import statistics
-import string
 import subprocess
 import sys
 import tempfile
@@ -51,10 +50,9 @@ sys.path.insert(0, HERE)
 
 import procs  # noqa: E402
 from origin import Origin  # noqa: E402
-from run import directives  # noqa: E402
+from run import TWISTD, write_gateway_config  # noqa: E402
 
 START_TIMEOUT = 300.0  # seconds: the gateway starts slowly under valgrind
-TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
 
 
 def callgrind_total(path):
@@ -137,16 +135,9 @@ def measure(args, row, tmpdir, processes, origin, index):
     """Start C{row}'s gateway under callgrind, count C{args.requests}; stop it."""
     with open(row["config"]) as f:
         template = f.read()
-    port, admin = procs.free_port(), procs.free_port()
-    text = string.Template(template).safe_substitute(
-        PORT=port, ADMIN_PORT=admin, ORIGIN_URL=origin.url, ORIGIN_PORT=origin.port, TMPDIR=tmpdir
-    )
+    port = procs.free_port()
     config = os.path.join(tmpdir, f"{row['name']}-{index}.yaml")
-    with open(config, "w") as f:
-        f.write(text)
-    found = directives(template)
-    headers = [v for k, v in found if k == "header"]
-    twistd_args = [v for k, v in found if k == "twistd-arg"]
+    headers, twistd_args = write_gateway_config(template, config, port, procs.free_port(), origin, tmpdir)
     out = os.path.join(tmpdir, f"{row['name']}-{index}.callgrind")
     env = dict(os.environ, PYTHONHASHSEED="0")
     checkout = row["checkout"]

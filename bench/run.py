@@ -74,6 +74,24 @@ def directives(text):
     return found
 
 
+def write_gateway_config(template, path, port, admin_port, origin, tmpdir):
+    """
+    Fill a gateway config template's placeholders (C{${PORT}},
+    C{${ADMIN_PORT}}, C{${ORIGIN_URL}}, C{${ORIGIN_PORT}}, C{${TMPDIR}})
+    and write it to C{path}.
+
+    @return: C{(headers, twistd_args)}: the values of its C{bench-header}
+        and C{bench-twistd-arg} directives (L{directives}).
+    """
+    text = string.Template(template).safe_substitute(
+        PORT=port, ADMIN_PORT=admin_port, ORIGIN_URL=origin.url, ORIGIN_PORT=origin.port, TMPDIR=tmpdir
+    )
+    with open(path, "w") as f:
+        f.write(text)
+    found = directives(template)
+    return [v for k, v in found if k == "header"], [v for k, v in found if k == "twistd-arg"]
+
+
 class Unavailable(Exception):
     """
     The peer cannot run on this machine; the message says why.
@@ -192,24 +210,12 @@ def launch_gateway(ctx, port, variant):
             template = f.read()
     else:
         template = GATEWAY_TEMPLATE
-    values = {
-        "PORT": port,
-        "ADMIN_PORT": procs.free_port(),
-        "ORIGIN_URL": ctx.origin.url,
-        "ORIGIN_PORT": ctx.origin.port,
-        "TMPDIR": ctx.tmpdir,
-    }
-    text = string.Template(template).safe_substitute(values)
     name = f"gateway-{variant}" if variant else "gateway"
     path = os.path.join(ctx.tmpdir, f"{name}.yaml")
-    with open(path, "w") as f:
-        f.write(text)
-    twistd_args = []
-    for key, value in directives(template):
-        if key == "header":
-            ctx.headers.append(value)
-        elif key == "twistd-arg":
-            twistd_args.append(value)
+    headers, twistd_args = write_gateway_config(
+        template, path, port, procs.free_port(), ctx.origin, ctx.tmpdir
+    )
+    ctx.headers.extend(headers)
     argv = [python, "-c", TWISTD, "-n", "--pidfile=", *twistd_args,
             "gateway", "--config", path]
     env = ctx.env()

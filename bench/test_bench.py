@@ -339,12 +339,13 @@ def test_instruction_rows_and_table():
     "name", sorted(n for n in os.listdir(os.path.join(run.HERE, "scenarios")) if n.endswith(".yaml"))
 )
 def test_every_scenario_is_a_valid_config(name, tmp_path):
-    import string
+    from types import SimpleNamespace
 
     from gateway.config import parse_config
 
     with open(os.path.join(run.HERE, "scenarios", name)) as f:
-        text = string.Template(f.read()).safe_substitute(
-            PORT=8080, ADMIN_PORT=8081, ORIGIN_URL="http://127.0.0.1:9000", ORIGIN_PORT=9000, TMPDIR=tmp_path
-        )
-    parse_config(text, name)
+        template = f.read()
+    path = tmp_path / "gateway.yaml"
+    origin = SimpleNamespace(url="http://127.0.0.1:9000", port=9000)
+    run.write_gateway_config(template, str(path), 8080, 8081, origin, str(tmp_path))
+    parse_config(path.read_text(), name)

@@ -33,7 +33,6 @@ import json
 import os
 import re
 import statistics
-import string
 import subprocess
 import sys
 import tempfile
@@ -47,7 +46,7 @@ sys.path.insert(0, HERE)
 import procs  # noqa: E402
 import wrkrun  # noqa: E402
 from origin import Origin  # noqa: E402
-from run import directives  # noqa: E402
+from run import write_gateway_config  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(HERE, "scenarios", "filters-off.yaml")
 START_TIMEOUT = 30.0  # seconds for the gateway and all its workers to serve
@@ -237,16 +236,10 @@ def measure_row(args, tmpdir, processes, origin, workers, largest, budgets):
     """Start the gateway with C{workers} workers, warm it up, measure it; stop it."""
     with open(args.gateway_config) as f:
         template = f.read()
-    port, admin = procs.free_port(), procs.free_port()
-    text = string.Template(template).safe_substitute(
-        PORT=port, ADMIN_PORT=admin, ORIGIN_URL=origin.url, ORIGIN_PORT=origin.port, TMPDIR=tmpdir
-    )
+    port = procs.free_port()
     config = os.path.join(tmpdir, f"gateway-{workers}.yaml")
-    with open(config, "w") as f:
-        f.write(text)
-    found = directives(template)
-    headers = [v for k, v in found if k == "header"]
-    log_format = log_format_for([v for k, v in found if k == "twistd-arg"])
+    headers, twistd_args = write_gateway_config(template, config, port, procs.free_port(), origin, tmpdir)
+    log_format = log_format_for(twistd_args)
     wrk_extra = [a for h in headers for a in ("-H", h)]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, HERE, env.get("PYTHONPATH")) if p)
