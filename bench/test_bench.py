@@ -335,6 +335,91 @@ def test_instruction_rows_and_table():
     assert "(not measured)" in lines[3]
 
 
+# --- bench/pauses.py ---------------------------------------------------------------
+
+import pauses  # noqa: E402
+
+# A PYPYLOG window as PyPy 7.3.11 writes it: cut at both ends, a minor
+# collection with a nested section, and steps of a major collection.
+PYPYLOG = """\
+number of pinned objects: 0
+[1000] gc-minor}
+[2000] {gc-minor
+[2100] {gc-minor-walkroots
+[2200] gc-minor-walkroots}
+minor collect, total memory used: 5308216
+total size of surviving objects: 660000
+[2600] gc-minor}
+[3000] {gc-collect-step
+starting gc state:  MARKING
+number of objects to mark 1560 plus 274
+stopping, now in gc state:  MARKING
+[3200] gc-collect-step}
+[4000] {gc-collect-step
+starting gc state:  SWEEPING
+freeing GC objects, up to 12288 pages. More to do.
+stopping, now in gc state:  SWEEPING
+[5400] gc-collect-step}
+[6000] {gc-minor
+[6400] gc-minor}
+[7000] {gc-minor
+"""
+
+
+def test_parse_gc_log_reads_minors_and_steps_and_skips_cut_sections():
+    minors, steps = pauses.parse_gc_log(PYPYLOG)
+    assert minors == [(0x2000, 0x600), (0x6000, 0x400)]
+    assert steps == [(0x3000, 0x200, "MARKING"), (0x4000, 0x1400, "SWEEPING")]
+
+
+def test_summarize_calibrates_ticks_from_the_window_and_counts_long_steps():
+    # Events from tick 0 to tick 2,000,000 over 2 s: 1,000,000 ticks a second (1 kHz per ms).
+    minors = [(0, 1000), (1_000_000, 3000), (2_000_000, 2000)]
+    steps = [(500_000, 6000, "SWEEPING"), (600_000, 4000, "MARKING"), (700_000, 12_000, "SWEEPING")]
+    got = pauses.summarize(minors, steps, seconds=2.0, requests=20_000, connections=64, pause_ms=5.0)
+    assert got["tsc_ghz"] == pytest.approx(1e-3)
+    assert got["minor_per_s"] == pytest.approx(1.5)
+    assert got["minor_median_ms"] == pytest.approx(2.0)
+    assert got["long_per_s"] == pytest.approx(1.0)  # 6 and 12 ms; not 4 ms
+    assert got["long_max_ms"] == pytest.approx(12.0)
+    assert got["held_pct"] == pytest.approx(100.0 * 2 * 64 / 20_000)
+    assert pauses.summarize(minors[:1], [], seconds=2.0, requests=1, connections=64, pause_ms=5.0) == {}
+
+
+def test_latency_line_and_table():
+    assert pauses.parse_latency("Requests/sec: 1\nLATENCY mean=4.000 p50=3.500 p99=9.000 p99.9=20.000\n") == {
+        "mean": 4.0, "p50": 3.5, "p99": 9.0, "p99.9": 20.0,
+    }
+    with pytest.raises(ValueError, match="no LATENCY line"):
+        pauses.parse_latency("Requests/sec: 1\n")
+    assert "{50, 99, 99.9}" in pauses.LUA
+    cells = {"rps": 10000.0, "mean": 4.0, "p50": 3.5, "p99": 9.0, "p99.9": 20.0}
+    table = pauses.render([
+        {"round": 1, "name": "cpython", "cells": cells},
+        {"round": 1, "name": "pypy", "cells": dict(cells, minor_per_s=40.0, minor_median_ms=1.5, long_per_s=0.5,
+                                                    long_max_ms=17.0, held_pct=0.32, tsc_ghz=2.6)},
+    ])
+    lines = table.splitlines()
+    assert lines[0].split()[:4] == ["round", "row", "req/s", "mean"]
+    assert lines[1].split() == ["1", "cpython", "10,000", "4.00", "3.50", "9.00", "20.00", "2.25"] + ["-"] * 6
+    assert lines[2].split()[-6:] == ["40.0", "1.50", "0.50", "17.0", "0.32", "2.60"]
+
+
+def test_pause_rows_take_their_own_environment_and_interpreter():
+    args = pauses.parse_args([
+        "--gateway-config", "a.yaml", "--gateway-config", "nomajor=a.yaml",
+        "--gateway-env", "nomajor:PYPY_GC_MIN=8GB", "--gateway-python", "nomajor=/usr/bin/pypy3",
+    ])
+    rows = pauses.rows_of(args)
+    assert [(r["name"], r["env"]) for r in rows] == [("gateway", {}), ("nomajor", {"PYPY_GC_MIN": "8GB"})]
+    assert rows[0]["python"] == args.python and rows[1]["python"] == "/usr/bin/pypy3"
+    with pytest.raises(SystemExit, match="no --gateway-config row named other"):
+        pauses.rows_of(pauses.parse_args(["--gateway-env", "other:X=1"]))
+    with pytest.raises(SystemExit, match="want NAME:VAR=VALUE"):
+        pauses.rows_of(pauses.parse_args(["--gateway-config", "a.yaml", "--gateway-env", "gateway:X"]))
+    assert pauses.rows_of(pauses.parse_args([]))[0]["config"].endswith("typical-rl-jsonl.yaml")
+
+
 @pytest.mark.parametrize(
     "name", sorted(n for n in os.listdir(os.path.join(run.HERE, "scenarios")) if n.endswith(".yaml"))
 )
