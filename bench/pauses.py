@@ -11,22 +11,25 @@ the same seconds.
         --gateway-env nomajor:PYPY_GC_MIN=8GB --rounds 3
 
 Each row starts a gateway on C{--gateway-python} (by default the PyPy of
-C{.venv-pypy}, as README.rst makes it) pinned to the first core, with
+C{.venv-pypy}, as README.rst makes it) pinned to core C{--proxy-cpu} (0), with
 C{PYPY_GC_NURSERY=32MB PYPY_GC_INCREMENT_STEP=2MB} (as
 C{etc/txgateway.service}; C{--gateway-env} overrides) and
 C{PYPYLOG=gc-minor,gc-collect-step} into a file, in front of the bench's
-nginx origin on the second core.  wrk (1 thread, C{--connections}
-keep-alive connections, on the second core) warms it up for C{--warmup}
+nginx origin on core C{--load-cpu} (1).  wrk (1 thread, C{--connections}
+keep-alive connections, on that core too) warms it up for C{--warmup}
 seconds, then measures C{--duration} seconds; only the log written
 during those seconds is read.  Rows alternate in C{--rounds} rounds.
 
-The table's columns: requests/s; mean, p50, p99 and p99.9 latency (ms);
-p99 divided by the mean; minor collections a second and their median
-length (ms); steps of major collections longer than C{--pause-ms} a
-second and their longest (ms); and "held %", the share of the requests
+The table's columns: requests/s; wrk's errors (socket errors and non-2xx
+answers); mean, p50, p99 and p99.9 latency (ms); p99 divided by the
+mean; minor collections a second and their median length (ms); steps of
+major collections longer than C{--pause-ms} a second, how many of those
+a second were sweeping steps, and the longest (ms); "held %", the share of the requests
 those long steps can hold up (each holds up the requests in flight, one
 per connection: steps x connections / requests).  When "held %" is under
-1, the long steps cannot set the p99 by themselves.
+1, the long steps cannot set the p99 by themselves; and the
+timestamp counter's rate (below).  A row that fails (its gateway does
+not start, wrk fails) is reported and the others go on.
 
 PyPy's log stamps events in CPU timestamp-counter ticks; the ticks per
 second are taken from the measured window itself (its first and last
@@ -66,8 +69,9 @@ done = function(summary, latency, requests)
 end
 """.replace("PERCENTILES", ", ".join(str(p) for p in PERCENTILES))
 
-_OPEN = re.compile(r"\[([0-9a-f]+)\] \{([\w-]+)")
-_CLOSE = re.compile(r"\[([0-9a-f]+)\] ([\w-]+)\}")
+# Some PyPy versions write a thread number ("3# ") before the timestamp.
+_OPEN = re.compile(r"(?:\d+# )?\[([0-9a-f]+)\] \{([\w-]+)")
+_CLOSE = re.compile(r"(?:\d+# )?\[([0-9a-f]+)\] ([\w-]+)\}")
 
 
 def parse_gc_log(text):
@@ -117,20 +121,22 @@ def summarize(minors, steps, seconds, requests, connections, pause_ms):
     @param pause_ms: steps longer than this many milliseconds count as long.
     @return: a L{dict}: C{tsc_ghz} (ticks per nanosecond, from the first
         and last events against C{seconds}), C{minor_per_s},
-        C{minor_median_ms}, C{long_per_s}, C{long_max_ms} and C{held_pct};
-        empty when the window has fewer than two events.
+        C{minor_median_ms}, C{long_per_s}, C{long_sweep_per_s} (the long
+        steps that were sweeping), C{long_max_ms} and C{held_pct}; empty
+        when the window has fewer than two events.
     """
     starts = sorted([s for s, _ in minors] + [s for s, _, _ in steps])
     if len(starts) < 2 or seconds <= 0:
         return {}
     ticks_per_ms = (starts[-1] - starts[0]) / (seconds * 1e3)
-    long_ = [t / ticks_per_ms for _, t, _ in steps if t / ticks_per_ms > pause_ms]
+    long_ = [(t / ticks_per_ms, state) for _, t, state in steps if t / ticks_per_ms > pause_ms]
     return {
         "tsc_ghz": ticks_per_ms / 1e6,
         "minor_per_s": len(minors) / seconds,
         "minor_median_ms": statistics.median(t for _, t in minors) / ticks_per_ms if minors else None,
         "long_per_s": len(long_) / seconds,
-        "long_max_ms": max(long_) if long_ else None,
+        "long_sweep_per_s": sum(state == "SWEEPING" for _, state in long_) / seconds,
+        "long_max_ms": max(ms for ms, _ in long_) if long_ else None,
         "held_pct": 100.0 * len(long_) * connections / requests if requests else None,
     }
 
@@ -170,7 +176,8 @@ def measure(args, row, tmpdir, processes, origin, index):
     try:
         procs.wait_port(port, START_TIMEOUT, proc=gateway)
         procs.wait_http(port, "/", START_TIMEOUT, proc=gateway, headers=headers)
-        wrkrun.run(url, args.warmup, args.connections, cpu=args.load_cpu, extra=extra)
+        if args.warmup > 0:
+            wrkrun.run(url, args.warmup, args.connections, cpu=args.load_cpu, extra=extra)
         mark = os.path.getsize(log) if os.path.exists(log) else 0
         result = wrkrun.run(url, args.duration, args.connections, cpu=args.load_cpu, extra=extra + ["-s", script])
         end = os.path.getsize(log) if os.path.exists(log) else 0
@@ -186,14 +193,17 @@ def measure(args, row, tmpdir, processes, origin, index):
             f.seek(mark)
             text = f.read(end - mark).decode("ascii", "replace")
         minors, steps = parse_gc_log(text)
+        if not minors and not steps:
+            print(f"{row['name']}: {end - mark} bytes of PYPYLOG but no collection read from them", file=sys.stderr)
         cells.update(summarize(minors, steps, result["seconds"], result["requests"], args.connections, args.pause_ms))
     return cells
 
 
 COLUMNS = (
-    ("req/s", "rps", ",.0f"), ("mean", "mean", ".2f"), ("p50", "p50", ".2f"), ("p99", "p99", ".2f"),
+    ("req/s", "rps", ",.0f"), ("errors", "errors", "d"), ("mean", "mean", ".2f"), ("p50", "p50", ".2f"), ("p99", "p99", ".2f"),
     ("p99.9", "p99.9", ".2f"), ("p99/mean", None, ".2f"), ("minor/s", "minor_per_s", ".1f"),
-    ("minor ms", "minor_median_ms", ".2f"), ("long/s", "long_per_s", ".2f"), ("long max", "long_max_ms", ".1f"),
+    ("minor ms", "minor_median_ms", ".2f"), ("long/s", "long_per_s", ".2f"), ("sweep/s", "long_sweep_per_s", ".2f"),
+    ("long max", "long_max_ms", ".1f"),
     ("held %", "held_pct", ".2f"), ("tsc GHz", "tsc_ghz", ".2f"),
 )
 
@@ -215,13 +225,35 @@ def render(results):
     return "\n".join(lines)
 
 
+def _named(option, spec):
+    """C{NAME=VALUE} as C{(NAME, VALUE)}; a usage error otherwise."""
+    name, sep, value = spec.partition("=")
+    if not sep or not name or not value:
+        raise SystemExit(f"{option} {spec}: want NAME=VALUE")
+    return name, value
+
+
 def rows_of(args):
-    """The rows: C{[{"name", "config", "python", "env"}]}, from the options."""
+    """
+    The rows: C{[{"name", "config", "python", "env"}]}, from the options,
+    in the order given.  C{--gateway-config} takes C{NAME=FILE} or FILE
+    alone (the row "gateway"; so is a spec whose part before the first
+    C{=} holds a C{/}), as C{bench/run.py} does.
+
+    @raise SystemExit: a row named twice, a missing config file, or an
+        option naming no row.
+    """
     configs = {}
     for spec in args.gateway_config or [os.path.join(HERE, "scenarios", "typical-rl-jsonl.yaml")]:
-        name, _, path = spec.rpartition("=")
-        configs[name or "gateway"] = os.path.abspath(path)
-    pythons = dict(spec.split("=", 1) for spec in args.gateway_python)
+        name, sep, path = spec.partition("=")
+        if not sep or "/" in name or not name:
+            name, path = "gateway", spec
+        if name in configs:
+            raise SystemExit(f"--gateway-config {spec}: a second row named {name}")
+        if not os.path.isfile(path):
+            raise SystemExit(f"--gateway-config {spec}: no such file {path}")
+        configs[name] = os.path.abspath(path)
+    pythons = dict(_named("--gateway-python", spec) for spec in args.gateway_python)
     envs = {name: {} for name in configs}
     for spec in args.gateway_env:
         name, sep, assignment = spec.partition(":")
@@ -277,10 +309,14 @@ def main(argv=None):
             origin = Origin(tmpdir).start(processes, cpu=args.load_cpu)
             for round_ in range(args.rounds):
                 for index, row in enumerate(rows):
-                    cells = measure(args, row, tmpdir, processes, origin, f"{round_}-{index}")
+                    try:
+                        cells = measure(args, row, tmpdir, processes, origin, f"{round_}-{index}")
+                    except (RuntimeError, ValueError, OSError) as e:
+                        print(f"round {round_ + 1}: {row['name']}: failed: {e}", file=sys.stderr, flush=True)
+                        continue
                     results.append({"round": round_ + 1, "name": row["name"], "cells": cells})
                     print(f"round {round_ + 1}: {row['name']}: {cells['rps']:,.0f} req/s, "
-                          f"p99 {cells['p99']:.2f} ms", flush=True)
+                          f"p99 {cells['p99']:.2f} ms, {cells['errors']} errors", flush=True)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
         finally:

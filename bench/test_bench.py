@@ -372,15 +372,23 @@ def test_parse_gc_log_reads_minors_and_steps_and_skips_cut_sections():
     assert steps == [(0x3000, 0x200, "MARKING"), (0x4000, 0x1400, "SWEEPING")]
 
 
+def test_parse_gc_log_reads_lines_with_a_thread_number():
+    tagged = "\n".join(
+        ("3# " + line) if line.startswith("[") else line for line in PYPYLOG.splitlines()
+    )
+    assert pauses.parse_gc_log(tagged) == pauses.parse_gc_log(PYPYLOG)
+
+
 def test_summarize_calibrates_ticks_from_the_window_and_counts_long_steps():
-    # Events from tick 0 to tick 2,000,000 over 2 s: 1,000,000 ticks a second (1 kHz per ms).
+    # Events from tick 0 to tick 2,000,000 over 2 s: 1,000 ticks a millisecond (0.001 GHz).
     minors = [(0, 1000), (1_000_000, 3000), (2_000_000, 2000)]
-    steps = [(500_000, 6000, "SWEEPING"), (600_000, 4000, "MARKING"), (700_000, 12_000, "SWEEPING")]
+    steps = [(500_000, 6000, "SWEEPING"), (600_000, 4000, "MARKING"), (700_000, 12_000, "MARKING")]
     got = pauses.summarize(minors, steps, seconds=2.0, requests=20_000, connections=64, pause_ms=5.0)
     assert got["tsc_ghz"] == pytest.approx(1e-3)
     assert got["minor_per_s"] == pytest.approx(1.5)
     assert got["minor_median_ms"] == pytest.approx(2.0)
     assert got["long_per_s"] == pytest.approx(1.0)  # 6 and 12 ms; not 4 ms
+    assert got["long_sweep_per_s"] == pytest.approx(0.5)  # the 6 ms one
     assert got["long_max_ms"] == pytest.approx(12.0)
     assert got["held_pct"] == pytest.approx(100.0 * 2 * 64 / 20_000)
     assert pauses.summarize(minors[:1], [], seconds=2.0, requests=1, connections=64, pause_ms=5.0) == {}
@@ -393,30 +401,48 @@ def test_latency_line_and_table():
     with pytest.raises(ValueError, match="no LATENCY line"):
         pauses.parse_latency("Requests/sec: 1\n")
     assert "{50, 99, 99.9}" in pauses.LUA
-    cells = {"rps": 10000.0, "mean": 4.0, "p50": 3.5, "p99": 9.0, "p99.9": 20.0}
+    cells = {"rps": 10000.0, "errors": 0, "mean": 4.0, "p50": 3.5, "p99": 9.0, "p99.9": 20.0}
     table = pauses.render([
         {"round": 1, "name": "cpython", "cells": cells},
-        {"round": 1, "name": "pypy", "cells": dict(cells, minor_per_s=40.0, minor_median_ms=1.5, long_per_s=0.5,
-                                                    long_max_ms=17.0, held_pct=0.32, tsc_ghz=2.6)},
+        {"round": 1, "name": "pypy", "cells": dict(cells, errors=3, minor_per_s=40.0, minor_median_ms=1.5,
+                                                    long_per_s=0.5, long_sweep_per_s=0.4, long_max_ms=17.0,
+                                                    held_pct=0.32, tsc_ghz=2.6)},
     ])
     lines = table.splitlines()
-    assert lines[0].split()[:4] == ["round", "row", "req/s", "mean"]
-    assert lines[1].split() == ["1", "cpython", "10,000", "4.00", "3.50", "9.00", "20.00", "2.25"] + ["-"] * 6
-    assert lines[2].split()[-6:] == ["40.0", "1.50", "0.50", "17.0", "0.32", "2.60"]
+    assert lines[0].split()[:5] == ["round", "row", "req/s", "errors", "mean"]
+    assert lines[1].split() == ["1", "cpython", "10,000", "0", "4.00", "3.50", "9.00", "20.00", "2.25"] + ["-"] * 7
+    assert lines[2].split()[3] == "3"
+    assert lines[2].split()[-7:] == ["40.0", "1.50", "0.50", "0.40", "17.0", "0.32", "2.60"]
 
 
-def test_pause_rows_take_their_own_environment_and_interpreter():
+def test_pause_rows_take_their_own_environment_and_interpreter(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.yaml").write_text("")
+    (tmp_path / "x=y").mkdir()
+    (tmp_path / "x=y" / "b.yaml").write_text("")
     args = pauses.parse_args([
         "--gateway-config", "a.yaml", "--gateway-config", "nomajor=a.yaml",
+        "--gateway-config", "other=./x=y/b.yaml",
         "--gateway-env", "nomajor:PYPY_GC_MIN=8GB", "--gateway-python", "nomajor=/usr/bin/pypy3",
     ])
     rows = pauses.rows_of(args)
-    assert [(r["name"], r["env"]) for r in rows] == [("gateway", {}), ("nomajor", {"PYPY_GC_MIN": "8GB"})]
+    assert [(r["name"], r["env"]) for r in rows] == [
+        ("gateway", {}), ("nomajor", {"PYPY_GC_MIN": "8GB"}), ("other", {}),
+    ]
+    assert rows[2]["config"] == str(tmp_path / "x=y" / "b.yaml")
     assert rows[0]["python"] == args.python and rows[1]["python"] == "/usr/bin/pypy3"
-    with pytest.raises(SystemExit, match="no --gateway-config row named other"):
-        pauses.rows_of(pauses.parse_args(["--gateway-env", "other:X=1"]))
-    with pytest.raises(SystemExit, match="want NAME:VAR=VALUE"):
-        pauses.rows_of(pauses.parse_args(["--gateway-config", "a.yaml", "--gateway-env", "gateway:X"]))
+    # A FILE alone whose directory holds "=" is still the row "gateway".
+    assert pauses.rows_of(pauses.parse_args(["--gateway-config", "./x=y/b.yaml"]))[0]["name"] == "gateway"
+
+    def refused(argv, message):
+        with pytest.raises(SystemExit, match=message):
+            pauses.rows_of(pauses.parse_args(argv))
+
+    refused(["--gateway-env", "other:X=1"], "no --gateway-config row named other")
+    refused(["--gateway-config", "a.yaml", "--gateway-env", "gateway:X"], "want NAME:VAR=VALUE")
+    refused(["--gateway-config", "a.yaml", "--gateway-config", "a.yaml"], "a second row named gateway")
+    refused(["--gateway-config", "missing.yaml"], "no such file")
+    refused(["--gateway-config", "a.yaml", "--gateway-python", "/usr/bin/pypy3"], "want NAME=VALUE")
     assert pauses.rows_of(pauses.parse_args([]))[0]["config"].endswith("typical-rl-jsonl.yaml")
 
 
