@@ -11,13 +11,15 @@ never a traceback, never a hang.
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Optional
+from urllib.parse import unquote_to_bytes as unquote
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http, server
+from twisted.web import http, resource, server
 from twisted.web.resource import Resource
 
 from gateway.config import Backend, Route
@@ -175,7 +177,6 @@ class ProxyResource(Resource):
         raw_id = choose_request_id(headers)
         request_id = raw_id.decode("ascii")
         request.responseHeaders.setRawHeaders(REQUEST_ID_HEADER, [raw_id])
-        request.responseHeaders.removeHeader(b"server")
         address = request.getClientAddress()
         client_ip = getattr(address, "host", "") or ""
         path, query = split_target(request.uri)
@@ -669,6 +670,26 @@ class _Discard:
         pass
 
 
+_date_second: Optional[int] = None
+_date_value = b""
+
+
+def http_date(now: float) -> bytes:
+    """
+    C{now} as an HTTP date (RFC 9110, section 5.6.7: IMF-fixdate, e.g.
+    C{b"Sun, 22 Nov 2026 05:20:00 GMT"}), formatted once a second: the
+    responses of one second share one value.
+
+    @param now: seconds since the epoch.
+    """
+    global _date_second, _date_value
+    second = int(now)
+    if second != _date_second:
+        _date_value = http.datetimeToString(second)
+        _date_second = second
+    return _date_value
+
+
 class GatewayRequest(server.Request):
     """
     A request whose body is held in memory up to the configured limit
@@ -678,12 +699,38 @@ class GatewayRequest(server.Request):
 
     _too_large = False
 
+    def process(self) -> None:
+        """
+        What Twisted's C{server.Request.process} does (Twisted 25.5 and 26.10
+        alike), less two things it does to every response that the gateway
+        does not keep: a C{Server} field naming Twisted (the proxy removed
+        it; a backend's own passes through), and a C{Date} formatted anew
+        for each request (formatted once a second here, L{http_date}, on the
+        gateway's clock; a backend's C{Date} replaces it, RFC 9110, section
+        6.6.1).  Both cost about 1.5% of the CPU of a proxied request on
+        CPython (py-spy).
+        """
+        self.site = site = self.channel.site
+        self.responseHeaders.setRawHeaders(b"Date", [http_date(site.gateway.reactor.seconds())])
+        self.prepath = []
+        self.postpath = list(map(unquote, self.path[1:].split(b"/")))
+        if self.path == b"*":
+            self._handleStar()
+            return
+        try:
+            resrc = site.getResourceFor(self)
+            if resource._IEncodingResource.providedBy(resrc):
+                encoder = resrc.getEncoder(self)
+                if encoder is not None:
+                    self._encoder = encoder
+            self.render(resrc)
+        except BaseException:
+            self.processingFailed(Failure())
+
     def _limit(self) -> int:
         return self.channel.site.gateway.snapshot.config.limits.max_request_body
 
     def gotLength(self, length) -> None:
-        import io
-
         self.content = io.BytesIO()
         if length is not None and length > self._limit():
             self._refuse()

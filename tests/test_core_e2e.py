@@ -4,6 +4,7 @@ End to end: a real twistd gateway in front of real backend processes.
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import json
 import os
@@ -185,6 +186,21 @@ def test_incoming_request_id_kept(gateway):
     assert ["X-Request-Id", "abc-123"] in r.json()["headers"]
     bad = get(gateway.port, "/one/x", headers={"X-Request-Id": "no spaces allowed"})
     assert bad.header("X-Request-Id") != "no spaces allowed"
+
+
+def test_gateway_answers_carry_a_date_and_no_server_field(gateway):
+    """
+    The gateway's own answers (no route; OPTIONS *) carry one valid Date
+    (RFC 9110, section 6.6.1) and no Server field naming Twisted; a proxied
+    response keeps its backend's Date and Server.
+    """
+    for r in (get(gateway.port, "/nowhere"), request(gateway.port, "OPTIONS", "*")):
+        assert r.status in (200, 404)
+        assert r.all("Server") == []
+        [date] = r.all("Date")
+        assert abs(email.utils.parsedate_to_datetime(date).timestamp() - time.time()) < 5
+    r = get(gateway.port, "/one/x")
+    assert len(r.all("Date")) == 1 and r.header("Server").startswith("TwistedWeb")
 
 
 def test_response_hop_by_hop_dropped_and_cookies_kept_in_order(gateway):

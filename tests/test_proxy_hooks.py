@@ -100,3 +100,14 @@ def test_request_id_kept_when_valid_else_made_and_sent_both_ways(sent, kept):
     assert answer.code == 404
     assert answer.json()["request_id"] == answer.header("X-Request-Id")
     assert (answer.header("X-Request-Id") == sent[0]) is kept
+
+
+def test_http_date_is_formatted_once_a_second():
+    """gateway.proxy.http_date: IMF-fixdate (RFC 9110, 5.6.7), one value per second."""
+    from gateway.proxy import http_date
+
+    assert http_date(784111777.0) == b"Sun, 06 Nov 1994 08:49:37 GMT"  # RFC 9110's example
+    first = http_date(784111777.9)
+    assert first == b"Sun, 06 Nov 1994 08:49:37 GMT"
+    assert http_date(784111777.5) is first  # the same second: not formatted again
+    assert http_date(784111778.0) == b"Sun, 06 Nov 1994 08:49:38 GMT"
