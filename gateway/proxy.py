@@ -694,10 +694,19 @@ class GatewayRequest(server.Request):
     """
     A request whose body is held in memory up to the configured limit
     (C{limits.max_request_body}); a larger body is refused with 413 and the
-    connection is closed without reading the rest.
+    connection is closed without reading the rest.  The body is not parsed:
+    C{args} holds the query string's arguments only.
     """
 
     _too_large = False
+
+    def __init__(self, channel, *args, **kwargs) -> None:
+        # The body is the backend's to read: Twisted would otherwise parse
+        # a form body (urlencoded or multipart) into request.args, at the
+        # cost of a pass over up to limits.max_request_body bytes, and
+        # answer 400 itself to a multipart body its parser refused.
+        kwargs["parsePOSTFormSubmission"] = False
+        super().__init__(channel, *args, **kwargs)
 
     def process(self) -> None:
         """

@@ -221,6 +221,23 @@ def test_post_body_forwarded(gateway):
     assert r.json()["body_sha256"] == hashlib.sha256(body).hexdigest()
 
 
+@pytest.mark.parametrize("content_type", [
+    "multipart/form-data; boundary=zzz",
+    "application/x-www-form-urlencoded",
+])
+def test_form_bodies_are_forwarded_unparsed(gateway, content_type):
+    """
+    A form body goes to the backend as it came, whatever the gateway
+    would make of it: Twisted's request parses form bodies into
+    C{request.args} unless told not to, and answered 400 itself to a
+    multipart body its parser refused.
+    """
+    body = b"not a multipart body &&== %zz"
+    r = request(gateway.port, "POST", "/one/upload", body=body, headers={"Content-Type": content_type})
+    assert r.status == 200
+    assert r.json()["body_sha256"] == hashlib.sha256(body).hexdigest()
+
+
 def test_body_over_limit_is_413(gateway):
     r = request(gateway.port, "POST", "/one/upload", body=b"x" * (64 * 1024 + 1))
     assert r.status == 413
