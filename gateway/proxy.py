@@ -455,35 +455,45 @@ class ProxyResource(Resource):
     def _respond(self, response, request, context, runtime: ServiceRuntime, backend, exchange):
         context.upstream_ended = self._clock.seconds()
         context.status = response.code
-        if not self._hooks().on_upstream_response:
-            # No filter looks at responses: no Deferred to ask them with.
-            try:
-                self._relay_or_answer(None, response, request, context, runtime, backend, exchange)
-            except Exception:
-                self._upstream_filter_failed(Failure(), response, request, context, runtime, backend)
+        try:
+            verdict = self._upstream_verdict("on_upstream_response", request, context, response)
+            if not isinstance(verdict, Deferred):
+                # Decided now (most often: no filter had a say): no Deferred
+                # to carry the verdict, once per request.
+                self._relay_or_answer(verdict, response, request, context, runtime, backend, exchange)
+                return
+        except Exception:
+            self._upstream_filter_failed(Failure(), response, request, context, runtime, backend)
             return
-        decided = self._ask_upstream_filters("on_upstream_response", request, context, response)
-        decided.addCallback(self._relay_or_answer, response, request, context, runtime, backend, exchange)
-        decided.addErrback(self._upstream_filter_failed, response, request, context, runtime, backend)
+        verdict.addCallback(self._relay_or_answer, response, request, context, runtime, backend, exchange)
+        verdict.addErrback(self._upstream_filter_failed, response, request, context, runtime, backend)
 
-    def _ask_upstream_filters(self, hook: str, request, context, outcome) -> Deferred:
+    def _upstream_verdict(self, hook: str, request, context, outcome):
         """
         Offer a backend's response (or failure) to the filters that define
         C{hook}, in pipeline order; the first that returns something other
         than None decides.
 
-        @return: fires with None (carry on) or that filter's result.
+        @return: None (carry on), that filter's result, or a L{Deferred}
+            firing with either.
+        @raise Exception: what a filter raised.
         """
         for ask in getattr(self._hooks(), hook):
-            try:
-                result = ask(request, context, outcome)
-            except Exception:
-                return fail()
-            if isinstance(result, Deferred):
-                return result
+            result = ask(request, context, outcome)
             if result is not None:
-                return succeed(result)
-        return succeed(None)
+                return result
+        return None
+
+    def _ask_upstream_filters(self, hook: str, request, context, outcome) -> Deferred:
+        """
+        L{_upstream_verdict} as a L{Deferred}: it fires with None (carry on)
+        or the deciding filter's result, or fails with what a filter raised.
+        """
+        try:
+            result = self._upstream_verdict(hook, request, context, outcome)
+        except Exception:
+            return fail()
+        return result if isinstance(result, Deferred) else succeed(result)
 
     def _relay_or_answer(self, verdict, response, request, context, runtime, backend, exchange) -> None:
         if isinstance(verdict, Answer) or request._disconnected:

@@ -111,3 +111,69 @@ def test_http_date_is_formatted_once_a_second():
     assert first == b"Sun, 06 Nov 1994 08:49:37 GMT"
     assert http_date(784111777.5) is first  # the same second: not formatted again
     assert http_date(784111778.0) == b"Sun, 06 Nov 1994 08:49:38 GMT"
+
+
+class UpstreamVerdicts:
+    """An on_upstream_response hook whose verdict each test sets."""
+
+    name = "test_verdicts"
+
+    def __init__(self, gateway):
+        self.verdict = None
+        self.asked = []
+
+    def on_upstream_response(self, request, context, response):
+        self.asked.append(response.code)
+        verdict = self.verdict
+        if isinstance(verdict, Exception):
+            raise verdict
+        return verdict
+
+
+class SecondOpinion(UpstreamVerdicts):
+    name = "test_second_opinion"
+
+
+def _verdicts_gateway(register):
+    register(44, "test_verdicts", UpstreamVerdicts)
+    register(46, "test_second_opinion", SecondOpinion)
+    gw = StubGateway(BASE + "routes: [{name: r, service: svc, match: {path_prefix: /x}}]")
+    return gw, gw.filter("test_verdicts"), gw.filter("test_second_opinion")
+
+
+def test_upstream_response_relayed_when_no_filter_decides(register):
+    gw, first, second = _verdicts_gateway(register)
+    r = gw.request("GET", "/x")
+    assert r.code == 200 and r.json()["uri"] == "/x"
+    assert first.asked == [200] and second.asked == [200]
+
+
+def test_upstream_response_replaced_by_the_first_filter_that_answers(register):
+    gw, first, second = _verdicts_gateway(register)
+    first.verdict = pipeline.Answer(status=203, headers=[(b"X-From", b"filter")], body=b"mine")
+    r = gw.request("GET", "/x")
+    assert (r.code, r.header("X-From"), r.body) == (203, "filter", b"mine")
+    assert second.asked == []  # the first filter decided
+
+
+def test_upstream_response_filter_deciding_later(register):
+    from twisted.internet.defer import Deferred
+
+    gw, first, second = _verdicts_gateway(register)
+    first.verdict = later = Deferred()
+    results = []
+    gw.client.request("GET", "http://gateway.test/x").addBoth(results.append)
+    gw.pump()
+    assert results == []  # waits for the filter
+    later.callback(None)  # carry on
+    gw.pump()
+    assert results and results[0].code == 200
+    assert second.asked == []  # a Deferred is the first filter's decision
+
+
+def test_upstream_response_filter_that_raises_gives_500(register):
+    gw, first, second = _verdicts_gateway(register)
+    first.verdict = RuntimeError("broken filter")
+    r = gw.request("GET", "/x")
+    assert r.code == 500 and r.json()["error"] == "internal gateway error"
+    assert gw.contexts[-1].error == "internal error"
