@@ -307,3 +307,37 @@ def test_pausing_with_no_request_in_progress_cancels_the_idle_timeout():
     assert reactor.getDelayedCalls() != []
     protocol._channel.setTimeout(None)  # as the switch to HTTP/2 does
     assert reactor.getDelayedCalls() == []
+
+
+def test_response_head_written_as_twisted_writes_it_in_one_piece():
+    """
+    GatewayChannel.writeHeaders: the same bytes as Twisted's
+    HTTPChannel.writeHeaders, in one write instead of a sequence; a plain
+    list of fields still goes through Twisted's sanitising path.
+    """
+    from twisted.web import http
+    from twisted.web.http_headers import Headers
+
+    from gateway.proxy import GatewayChannel
+
+    def written(channel_class, headers):
+        channel = channel_class()
+        transport = StringTransport()
+        writes = []
+        transport.writeSequence = lambda seq: writes.append(list(seq)) or StringTransport.writeSequence(transport, seq)
+        transport.write = lambda data: writes.append(data) or StringTransport.write(transport, data)
+        channel.transport = transport
+        channel.writeHeaders(b"HTTP/1.1", b"200", b"OK", headers)
+        return transport.value(), writes
+
+    headers = Headers({b"Content-Type": [b"text/plain"], b"Set-Cookie": [b"a=1", b"b=2"], b"X-Empty": [b""]})
+    ours, writes = written(GatewayChannel, headers)
+    theirs, _ = written(http.HTTPChannel, headers)
+    assert ours == theirs
+    assert ours.startswith(b"HTTP/1.1 200 OK\r\n") and ours.endswith(b"\r\n\r\n")
+    assert b"Set-Cookie: a=1\r\nSet-Cookie: b=2\r\n" in ours
+    assert writes == [ours]  # one piece
+    # Not a Headers: Twisted's own method, which sanitises the values.
+    raw, _ = written(GatewayChannel, [(b"X-Bad", b"a\r\nInjected: yes")])
+    assert raw == written(http.HTTPChannel, [(b"X-Bad", b"a\r\nInjected: yes")])[0]
+    assert b"\r\nInjected: yes" not in raw
