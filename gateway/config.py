@@ -420,7 +420,7 @@ def _take_extensions(
 # --- the configuration objects -------------------------------------------------
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)
 class Backend:
     """
     One upstream server of a service.
