@@ -37,7 +37,6 @@ port). It answers every path with a JSON echo of the request, except:
 from __future__ import annotations
 
 import argparse
-import functools
 import hashlib
 import json
 import sys
@@ -273,9 +272,8 @@ def main(argv=None) -> None:
 
     from twisted.internet import reactor
 
-    site = server.Site(Echo(args.name, reactor))
     # Echo bodies as they came: a form body is not parsed into request.args.
-    site.requestFactory = functools.partial(server.Request, parsePOSTFormSubmission=False)
+    site = server.Site(Echo(args.name, reactor), parsePOSTFormSubmission=False)
     site.noisy = False
     site.log = lambda request: None
     port = reactor.listenTCP(args.port, site, backlog=1024, interface=args.interface)

@@ -458,16 +458,24 @@ class ProxyResource(Resource):
         context.status = response.code
         try:
             verdict = self._upstream_verdict("on_upstream_response", request, context, response)
-            if not isinstance(verdict, Deferred):
-                # Decided now (most often: no filter had a say): no Deferred
-                # to carry the verdict, once per request.
-                self._relay_or_answer(verdict, response, request, context, runtime, backend, exchange)
-                return
         except Exception:
             self._upstream_filter_failed(Failure(), response, request, context, runtime, backend)
             return
-        verdict.addCallback(self._relay_or_answer, response, request, context, runtime, backend, exchange)
-        verdict.addErrback(self._upstream_filter_failed, response, request, context, runtime, backend)
+        if isinstance(verdict, Deferred):
+            verdict.addCallbacks(
+                self._relay_or_answer,
+                self._upstream_filter_failed,
+                callbackArgs=(response, request, context, runtime, backend, exchange),
+                errbackArgs=(response, request, context, runtime, backend),
+            )
+            verdict.addErrback(self._internal_error, request, context)
+            return
+        # Decided now (most often: no filter had a say), with no Deferred to
+        # carry the verdict.  An error from here on is the gateway's own,
+        # not a filter's: it reaches _internal_error through _attempt's
+        # errback, and the backend's slot, released or not, is not released
+        # a second time.
+        self._relay_or_answer(verdict, response, request, context, runtime, backend, exchange)
 
     def _upstream_verdict(self, hook: str, request, context, outcome):
         """
@@ -512,7 +520,10 @@ class ProxyResource(Resource):
 
     def _relay(self, response, request, context, runtime: ServiceRuntime, backend, exchange) -> None:
         """Stream a backend response (or a filter's wrapper of it) to the client."""
-        request.setResponseCode(response.code, response.phrase)
+        phrase = response.phrase
+        if phrase and (b"\r" in phrase or b"\n" in phrase):
+            phrase = None  # Twisted's phrase for the code: the backend's would split the head
+        request.setResponseCode(response.code, phrase)
         copy_response_headers(response, request.responseHeaders, request.method)
         self._response_filters(request, context)
         relay = exchange.relay = BodyRelay(request)
@@ -681,8 +692,8 @@ class _Discard:
         pass
 
 
-_date_second: Optional[int] = None
-_date_value = b""
+#: The second last formatted by L{http_date}, and its value.
+_date: tuple = (None, b"")
 
 
 def http_date(now: float) -> bytes:
@@ -693,31 +704,26 @@ def http_date(now: float) -> bytes:
 
     @param now: seconds since the epoch.
     """
-    global _date_second, _date_value
+    global _date
     second = int(now)
-    if second != _date_second:
-        _date_value = http.datetimeToString(second)
-        _date_second = second
-    return _date_value
+    cached = _date
+    if cached[0] == second:
+        return cached[1]
+    value = http.datetimeToString(second)
+    _date = (second, value)
+    return value
 
 
 class GatewayRequest(server.Request):
     """
     A request whose body is held in memory up to the configured limit
     (C{limits.max_request_body}); a larger body is refused with 413 and the
-    connection is closed without reading the rest.  The body is not parsed:
-    C{args} holds the query string's arguments only.
+    connection is closed without reading the rest.  The body is not parsed
+    (L{GatewaySite} sets C{parsePOSTFormSubmission=False}): C{args} holds
+    the query string's arguments only.
     """
 
     _too_large = False
-
-    def __init__(self, channel, *args, **kwargs) -> None:
-        # The body is the backend's to read: Twisted would otherwise parse
-        # a form body (urlencoded or multipart) into request.args, at the
-        # cost of a pass over up to limits.max_request_body bytes, and
-        # answer 400 itself to a multipart body its parser refused.
-        kwargs["parsePOSTFormSubmission"] = False
-        super().__init__(channel, *args, **kwargs)
 
     def process(self) -> None:
         """
@@ -1116,6 +1122,11 @@ class GatewaySite(server.Site):
     noisy = False
 
     def __init__(self, gateway: Gateway, **kwargs) -> None:
+        # The body is the backend's to read: Twisted's requests would
+        # otherwise parse a form body (urlencoded or multipart) into
+        # request.args, a pass over up to limits.max_request_body bytes,
+        # and answer 400 themselves to a multipart body their parser refused.
+        kwargs.setdefault("parsePOSTFormSubmission", False)
         super().__init__(ProxyResource(gateway), **kwargs)
         self.gateway = gateway
 

@@ -138,6 +138,11 @@ def _verdicts_gateway(register):
     register(44, "test_verdicts", UpstreamVerdicts)
     register(46, "test_second_opinion", SecondOpinion)
     gw = StubGateway(BASE + "routes: [{name: r, service: svc, match: {path_prefix: /x}}]")
+    # Count the backend slot's releases: each request must give it back once.
+    limits = gw.gateway.snapshot.services["svc"].forwarder.limits
+    gw.released = []
+    release = limits.release
+    limits.release = lambda backend: (gw.released.append(backend.url), release(backend))[1]
     return gw, gw.filter("test_verdicts"), gw.filter("test_second_opinion")
 
 
@@ -146,6 +151,7 @@ def test_upstream_response_relayed_when_no_filter_decides(register):
     r = gw.request("GET", "/x")
     assert r.code == 200 and r.json()["uri"] == "/x"
     assert first.asked == [200] and second.asked == [200]
+    assert len(gw.released) == 1
 
 
 def test_upstream_response_replaced_by_the_first_filter_that_answers(register):
@@ -154,6 +160,7 @@ def test_upstream_response_replaced_by_the_first_filter_that_answers(register):
     r = gw.request("GET", "/x")
     assert (r.code, r.header("X-From"), r.body) == (203, "filter", b"mine")
     assert second.asked == []  # the first filter decided
+    assert len(gw.released) == 1
 
 
 def test_upstream_response_filter_deciding_later(register):
@@ -169,11 +176,44 @@ def test_upstream_response_filter_deciding_later(register):
     gw.pump()
     assert results and results[0].code == 200
     assert second.asked == []  # a Deferred is the first filter's decision
+    assert len(gw.released) == 1
 
 
-def test_upstream_response_filter_that_raises_gives_500(register):
+def test_upstream_response_filter_answering_later(register):
+    from twisted.internet.defer import succeed
+
+    gw, first, _ = _verdicts_gateway(register)
+    first.verdict = succeed(pipeline.Answer(status=203, headers=[], body=b"later"))
+    r = gw.request("GET", "/x")
+    assert (r.code, r.body) == (203, b"later")
+    assert len(gw.released) == 1
+
+
+@pytest.mark.parametrize("how", ["raises", "fails later"])
+def test_upstream_response_filter_that_fails_gives_500(register, how):
+    from twisted.internet.defer import fail
+
     gw, first, second = _verdicts_gateway(register)
-    first.verdict = RuntimeError("broken filter")
+    error = RuntimeError("broken filter")
+    first.verdict = error if how == "raises" else fail(error)
     r = gw.request("GET", "/x")
     assert r.code == 500 and r.json()["error"] == "internal gateway error"
     assert gw.contexts[-1].error == "internal error"
+    assert len(gw.released) == 1
+
+
+@pytest.mark.parametrize("when", ["now", "later"])
+def test_gateway_error_after_a_filter_answered_is_a_500(register, when):
+    """
+    An answer the gateway fails to write (a header name that is no token)
+    is the gateway's own error, not the filter's: a 500 (not a hang), and
+    the backend's slot, already given back, is not given back again.
+    """
+    from twisted.internet.defer import succeed
+
+    gw, first, _ = _verdicts_gateway(register)
+    answer = pipeline.Answer(status=203, headers=[(b"Bad Name", b"x")], body=b"mine")
+    first.verdict = answer if when == "now" else succeed(answer)
+    r = gw.request("GET", "/x")
+    assert r.code == 500
+    assert len(gw.released) == 1

@@ -550,8 +550,9 @@ class AuthFilter:
         if settings is None:
             return None
         route_auth = self._routes[settings]
-        # The query string only: request.args also holds the fields of a
-        # form-encoded body, where no key is looked for nor stripped.
+        # The query string only, never a form-encoded body's fields, which
+        # no key is looked for in nor stripped from (the gateway's requests
+        # do not parse bodies into request.args; other sites' may).
         query_args = parse_qs(context.query[1:], keep_blank_values=True) if route_auth.reads_query else {}
         try:
             result = route_auth.authenticator.authenticate(request.requestHeaders, query_args)
