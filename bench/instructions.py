@@ -42,15 +42,13 @@ import re
 import statistics
 import subprocess
 import sys
-import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 import procs  # noqa: E402
-from origin import Origin  # noqa: E402
-from run import TWISTD, write_gateway_config  # noqa: E402
+from run import TWISTD, measure_in_rounds, write_gateway_config  # noqa: E402
 
 START_TIMEOUT = 300.0  # seconds: the gateway starts slowly under valgrind
 
@@ -223,21 +221,14 @@ def main(argv=None):
         if not subprocess.run(["sh", "-c", f"command -v {tool} || test -x /usr/sbin/{tool}"],
                               capture_output=True).returncode == 0:
             sys.exit(f"{tool} is not installed (bench/setup.sh)")
-    procs.interrupt_on_signals()
-    processes = procs.Processes()
     results = [{"name": row["name"], "counts": []} for row in rows]
-    with tempfile.TemporaryDirectory(prefix="bench-instructions-") as tmpdir:
-        try:
-            origin = Origin(tmpdir).start(processes)
-            for round_ in range(args.repeat):
-                for row, result in zip(rows, results):
-                    count = measure(args, row, tmpdir, processes, origin, round_)
-                    result["counts"].append(count)
-                    print(f"round {round_ + 1}: {row['name']}: {count:,.0f} instructions/request", flush=True)
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-        finally:
-            processes.stop_all()
+
+    def one(row, round_, index, tmpdir, processes, origin):
+        count = measure(args, row, tmpdir, processes, origin, round_)
+        results[index]["counts"].append(count)
+        print(f"round {round_ + 1}: {row['name']}: {count:,.0f} instructions/request", flush=True)
+
+    measure_in_rounds("bench-instructions-", rows, args.repeat, one)
     print()
     print(render(results))
 

@@ -42,7 +42,6 @@ import os
 import re
 import statistics
 import sys
-import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -50,8 +49,7 @@ sys.path.insert(0, HERE)
 
 import procs  # noqa: E402
 import wrkrun  # noqa: E402
-from origin import Origin  # noqa: E402
-from run import TWISTD, write_gateway_config  # noqa: E402
+from run import TWISTD, measure_in_rounds, write_gateway_config  # noqa: E402
 
 START_TIMEOUT = 60.0  # seconds
 DEFAULT_ENV = {"PYPY_GC_NURSERY": "32MB", "PYPY_GC_INCREMENT_STEP": "2MB"}
@@ -301,26 +299,19 @@ def main(argv=None):
     for row in rows:
         if not os.path.exists(row["python"]):
             sys.exit(f"{row['python']}: no such interpreter (make .venv-pypy as README.rst says, or pass --python)")
-    procs.interrupt_on_signals()
-    processes = procs.Processes()
     results = []
-    with tempfile.TemporaryDirectory(prefix="bench-pauses-") as tmpdir:
+
+    def one(row, round_, index, tmpdir, processes, origin):
         try:
-            origin = Origin(tmpdir).start(processes, cpu=args.load_cpu)
-            for round_ in range(args.rounds):
-                for index, row in enumerate(rows):
-                    try:
-                        cells = measure(args, row, tmpdir, processes, origin, f"{round_}-{index}")
-                    except (RuntimeError, ValueError, OSError) as e:
-                        print(f"round {round_ + 1}: {row['name']}: failed: {e}", file=sys.stderr, flush=True)
-                        continue
-                    results.append({"round": round_ + 1, "name": row["name"], "cells": cells})
-                    print(f"round {round_ + 1}: {row['name']}: {cells['rps']:,.0f} req/s, "
-                          f"p99 {cells['p99']:.2f} ms, {cells['errors']} errors", flush=True)
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-        finally:
-            processes.stop_all()
+            cells = measure(args, row, tmpdir, processes, origin, f"{round_}-{index}")
+        except (RuntimeError, ValueError, OSError) as e:
+            print(f"round {round_ + 1}: {row['name']}: failed: {e}", file=sys.stderr, flush=True)
+            return
+        results.append({"round": round_ + 1, "name": row["name"], "cells": cells})
+        print(f"round {round_ + 1}: {row['name']}: {cells['rps']:,.0f} req/s, "
+              f"p99 {cells['p99']:.2f} ms, {cells['errors']} errors", flush=True)
+
+    measure_in_rounds("bench-pauses-", rows, args.rounds, one, origin_cpu=args.load_cpu)
     print()
     print(render(results))
 

@@ -92,6 +92,33 @@ def write_gateway_config(template, path, port, admin_port, origin, tmpdir):
     return [v for k, v in found if k == "header"], [v for k, v in found if k == "twistd-arg"]
 
 
+def measure_in_rounds(prefix, rows, rounds, measure, origin_cpu=None):
+    """
+    Measure every row in each of C{rounds} rounds, the rows alternating,
+    in front of one bench origin started in a temporary directory (its name
+    starting with C{prefix}); every process started is stopped at the end,
+    also after Ctrl-C, which ends the rounds early.  For the tools that
+    compare gateway rows (C{instructions.py}, C{pauses.py}).
+
+    @param measure: called as C{measure(row, round_, index, tmpdir,
+        processes, origin)} for each row (C{index} its place in C{rows})
+        and round (C{round_} from 0); what it raises ends the rounds.
+    @param origin_cpu: the core the origin is pinned to, or None.
+    """
+    procs.interrupt_on_signals()
+    processes = procs.Processes()
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmpdir:
+        try:
+            origin = Origin(tmpdir).start(processes, cpu=origin_cpu)
+            for round_ in range(rounds):
+                for index, row in enumerate(rows):
+                    measure(row, round_, index, tmpdir, processes, origin)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+        finally:
+            processes.stop_all()
+
+
 class Unavailable(Exception):
     """
     The peer cannot run on this machine; the message says why.
