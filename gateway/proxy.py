@@ -785,14 +785,32 @@ class GatewayRequest(server.Request):
         super().requestReceived(command, path, version)
 
     def _refuse_stream(self, command, path, version) -> None:
-        """Answer 413 on an HTTP/2 stream whose body was too large."""
+        """
+        Answer 413 on an HTTP/2 stream whose body was too large, as
+        L{refuse_connection} answers on HTTP/1.1 (the client's valid
+        C{X-Request-Id} or a new one, C{Date}, the top-level security
+        headers, the request observers told) but on this stream only: the
+        connection and its other streams go on.
+        """
         self.method, self.uri, self.clientproto = command, path, version
-        body = json.dumps({"error": "request body too large", "request_id": None}).encode("utf-8")
+        message = "request body too large"
+        raw_id = choose_request_id(self.requestHeaders)
+        request_id = raw_id.decode("ascii")
+        body = json.dumps({"error": message, "request_id": request_id}).encode("utf-8")
+        gateway = getattr(self.channel.site, "gateway", None)
         self.setResponseCode(413)
         self.setHeader(b"Content-Type", b"application/json")
+        self.setHeader(REQUEST_ID_HEADER, raw_id)
         self.setHeader(b"Content-Length", b"%d" % len(body))
+        if gateway is not None:
+            self.setHeader(b"Date", http_date(gateway.reactor.seconds()))
+            _apply_security_headers(gateway, self.isSecure(), self.responseHeaders)
         self.write(body)
         self.finish()
+        client = getattr(self.getClientAddress(), "host", "") or ""
+        _report_refusal(
+            gateway, request_id, client, 413, message, command, path, len(body), self.requestHeaders
+        )
 
 
 _PHRASES = {
@@ -818,7 +836,8 @@ def refuse_connection(
     error, then close the connection: the rest of what the client sends
     (body, headers) is never read, so the connection cannot be reused.
 
-    With C{gateway}, the answer carries the top-level security headers
+    With C{gateway}, the answer carries a C{Date} from the gateway's
+    reactor clock and the top-level security headers
     (C{security_headers}; no route was chosen) and the request is reported
     to the gateway's request observers (access log, metrics, dashboard) as
     any answered request is, with C{route} None and C{error} C{message}.
@@ -838,7 +857,11 @@ def refuse_connection(
     body = json.dumps({"error": message, "request_id": request_id}).encode("utf-8")
     extra = b""
     if gateway is not None:
-        extra = _security_header_lines(gateway, secure)
+        # A Date from the gateway's clock, as on its other answers (RFC
+        # 9110, section 6.6.1: a 4xx from a server with a clock has one).
+        extra = b"Date: %s\r\n%s" % (
+            http_date(gateway.reactor.seconds()), _security_header_lines(gateway, secure)
+        )
     transport.write(
         b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
         b"X-Request-Id: %s\r\n%sConnection: close\r\nContent-Length: %d\r\n\r\n%s"
@@ -847,15 +870,9 @@ def refuse_connection(
     transport.loseConnection()
     peer = transport.getPeer()
     client = getattr(peer, "host", "") or ""
-    _log.info(
-        "refused a request from {client} with {status}: {reason}",
-        client=client or str(peer),
-        status=status,
-        reason=message,
-        request_id=request_id,
+    _report_refusal(
+        gateway, request_id, client, status, message, method, target, len(body), headers, peer
     )
-    if gateway is not None:
-        _observe_refusal(gateway, request_id, client, status, message, method, target, len(body), headers)
 
 
 def refuse_on(channel: http.HTTPChannel, status: int, message: str, headers=None) -> None:
@@ -875,18 +892,44 @@ def refuse_on(channel: http.HTTPChannel, status: int, message: str, headers=None
     )
 
 
-def _security_header_lines(gateway: Gateway, secure: bool) -> bytes:
-    """The top-level security headers as C{Name: value\\r\\n} lines."""
+def _apply_security_headers(gateway: Gateway, secure: bool, headers: Headers) -> None:
+    """Set the top-level security headers (C{security_headers}) on C{headers}."""
     from gateway.filters.security_headers import headers_for
 
     chosen = headers_for(gateway.snapshot.config.options, secure)
-    if chosen is None:
-        return b""
+    if chosen is not None:
+        chosen.apply(headers)
+
+
+def _security_header_lines(gateway: Gateway, secure: bool) -> bytes:
+    """The top-level security headers as C{Name: value\\r\\n} lines."""
     out = Headers()
-    chosen.apply(out)
+    _apply_security_headers(gateway, secure, out)
     return b"".join(
         name + b": " + value + b"\r\n" for name, values in out.getAllRawHeaders() for value in values
     )
+
+
+def _report_refusal(
+    gateway, request_id, client, status, message, method, target, sent, headers, peer=None
+) -> None:
+    """
+    Log a request the gateway refused before routing it (a channel limit),
+    and report it to C{gateway}'s request observers (L{_observe_refusal})
+    unless C{gateway} is None.
+
+    @param client: the client's IP address, or C{""} (not an IP
+        connection: the log names C{peer} instead).
+    """
+    _log.info(
+        "refused a request from {client} with {status}: {reason}",
+        client=client or str(peer),
+        status=status,
+        reason=message,
+        request_id=request_id,
+    )
+    if gateway is not None:
+        _observe_refusal(gateway, request_id, client, status, message, method, target, sent, headers)
 
 
 class _Refused:

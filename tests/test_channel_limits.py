@@ -89,13 +89,15 @@ def test_header_count_at_the_limit_is_served():
 
 
 def test_too_many_headers_get_431_with_a_request_id_and_close():
-    _, protocol, transport = connect(max_header_count=5)
+    reactor, protocol, transport = connect(max_header_count=5)
+    reactor.rightNow = 784111777.25
     protocol.dataReceived(
         b"GET /x HTTP/1.1\r\nX-Request-Id: abc-1\r\n" + headers(5) + b"\r\n"
     )
     status, head, body = answer(transport)
     assert status == 431
     assert head[b"Connection"] == b"close" and head[b"X-Request-Id"] == b"abc-1"
+    assert head[b"Date"] == b"Sun, 06 Nov 1994 08:49:37 GMT"  # the gateway's clock
     assert json.loads(body) == {"error": "too many request header fields", "request_id": "abc-1"}
     assert transport.disconnecting
 
@@ -391,3 +393,54 @@ def test_twisted_request_process_is_the_one_gateway_request_process_copies():
     code = re.sub(r'"""(.|\n)*?"""', "", source)
     code = "\n".join(line.strip() for line in code.splitlines() if line.strip() and not line.strip().startswith("#"))
     assert hashlib.sha256(code.encode()).hexdigest()[:16] == "55113f8ab2ddcfd1", code
+
+
+def test_http2_body_over_the_limit_gets_413_on_its_stream_with_date_id_and_an_observer(monkeypatch):
+    """
+    On HTTP/2 a body over C{max_request_body} is refused on its stream (not
+    with raw bytes on the shared connection), with what an HTTP/1.1 refusal
+    carries: the client's X-Request-Id, a Date from the gateway's clock, the
+    security headers, and a report to the request observers.
+    """
+    h2 = pytest.importorskip("h2.connection")
+    import h2.config
+    import h2.events
+    from twisted.web import _http2, http
+
+    reactor = MemoryReactorClock()
+    reactor.rightNow = 784111777.25
+    # Twisted makes the connection with the global reactor: this one instead.
+    monkeypatch.setattr(http, "H2Connection", lambda: _http2.H2Connection(reactor))
+    gateway = Gateway(reactor, parse_config(CONFIG % limits(max_request_body="1KiB")))
+    observed = []
+    gateway.request_observers.append(observed.append)
+    site = GatewaySite(gateway, reactor=reactor)
+    protocol = site.buildProtocol(IPv4Address("TCP", "192.0.2.7", 40000))
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
+    transport.negotiatedProtocol = b"h2"
+    protocol.makeConnection(transport)
+
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    client.send_headers(1, [
+        (":method", "POST"), (":path", "/upload"), (":scheme", "https"), (":authority", "gw"),
+        ("x-request-id", "h2-big"), ("content-length", "5000"),
+    ])
+    client.send_data(1, b"z" * 5000, end_stream=True)
+    protocol.dataReceived(client.data_to_send())
+    reactor.advance(0)  # H2Connection sends the stream's data at the next turn
+
+    events = client.receive_data(transport.value())
+    [response] = [e for e in events if isinstance(e, h2.events.ResponseReceived)]
+    fields = {name: value for name, value in response.headers}
+    body = b"".join(e.data for e in events if isinstance(e, h2.events.DataReceived))
+    assert fields[b":status"] == b"413"
+    assert fields[b"x-request-id"] == b"h2-big"
+    assert fields[b"date"] == b"Sun, 06 Nov 1994 08:49:37 GMT"
+    assert json.loads(body) == {"error": "request body too large", "request_id": "h2-big"}
+    [context] = observed
+    assert (context.status, context.request_id, context.method, context.path) == (
+        413, "h2-big", b"POST", b"/upload",
+    )
+    assert context.error == "request body too large" and context.route is None
+    assert not transport.disconnecting  # the connection's other streams go on
