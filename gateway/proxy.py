@@ -741,7 +741,7 @@ class GatewayRequest(server.Request):
         self.prepath = []
         self.postpath = list(map(unquote, self.path[1:].split(b"/")))
         if self.path == b"*":
-            self._handleStar()
+            self._handle_star(site.gateway)
             return
         try:
             resrc = site.getResourceFor(self)
@@ -752,6 +752,25 @@ class GatewayRequest(server.Request):
             self.render(resrc)
         except BaseException:
             self.processingFailed(Failure())
+
+    def _handle_star(self, gateway: Gateway) -> None:
+        """
+        Twisted's answer to a request for C{*} (C{OPTIONS *}: 200, an empty
+        body; any other method: 405 with C{Allow: OPTIONS}; RFC 9110,
+        section 9.3.7), with what the gateway's other answers carry: an
+        C{X-Request-Id}, the top-level security headers, and a report to
+        the request observers (no route).
+        """
+        raw_id = choose_request_id(self.requestHeaders)
+        self.responseHeaders.setRawHeaders(REQUEST_ID_HEADER, [raw_id])
+        _apply_security_headers(gateway, self.isSecure(), self.responseHeaders)
+        self._handleStar()
+        error = None if self.code == 200 else "method not allowed"
+        client = getattr(self.getClientAddress(), "host", "") or ""
+        _observe_refusal(
+            gateway, raw_id.decode("ascii"), client, self.code, error, self.method, b"*", 0,
+            self.requestHeaders,
+        )
 
     def _limit(self) -> int:
         return self.channel.site.gateway.snapshot.config.limits.max_request_body
@@ -944,9 +963,12 @@ class _Refused:
 
 def _observe_refusal(gateway, request_id, client, status, message, method, target, sent, headers=None) -> None:
     """
-    Report a refused request to the request observers, as
-    L{ProxyResource._finished} does, after the filters' C{on_unrouted}
-    hooks have seen the headers received so far (C{headers}, or None).
+    Report a request answered without a route (refused, or for C{*}) to
+    the request observers, as L{ProxyResource._finished} does, after the
+    filters' C{on_unrouted} hooks have seen the headers received so far
+    (C{headers}, or None).
+
+    @param message: the context's C{error}, or None.
     """
     now = gateway.reactor.seconds()
     path, query = split_target(target) if target else (b"", b"")

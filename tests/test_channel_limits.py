@@ -362,6 +362,29 @@ def test_answers_have_the_gateway_clock_date_and_no_server_field(line, status):
     assert got == status
     assert fields[b"Date"] == b"Sun, 06 Nov 1994 08:49:37 GMT"
     assert b"Server" not in fields
+    assert len(fields[b"X-Request-Id"]) >= 16  # a new one, as on every answer
+
+
+@pytest.mark.parametrize("method, status, error", [(b"OPTIONS", 200, None), (b"GET", 405, "method not allowed")])
+def test_requests_for_star_keep_the_client_id_and_are_observed(method, status, error):
+    """
+    The answers to a request for "*" (Twisted's) carry the client's
+    X-Request-Id and the security headers, and reach the request observers
+    (access log, metrics) with no route.
+    """
+    reactor, protocol, transport = connect()
+    observed = []
+    protocol._channel.site.gateway.request_observers.append(observed.append)
+    protocol.dataReceived(method + b" * HTTP/1.1\r\nHost: a\r\nX-Request-Id: star-1\r\n\r\n")
+    got, fields, body = answer(transport)
+    assert (got, body) == (status, b"")
+    assert fields[b"X-Request-Id"] == b"star-1"
+    assert fields[b"X-Content-Type-Options"] == b"nosniff"  # the default security headers
+    [context] = observed
+    assert (context.status, context.request_id, context.method, context.path, context.error) == (
+        status, "star-1", method, b"*", error,
+    )
+    assert context.route is None
 
 
 def test_request_args_hold_the_query_only():
