@@ -250,7 +250,25 @@ class ProxyResource(Resource):
         )
         context.error = "internal error"
         if not request._disconnected:
-            self._answer(request, context, Answer.error_(500, "internal gateway error"))
+            self._answer_500(request, context)
+
+    def _answer_500(self, request, context: RequestContext) -> None:
+        """
+        Answer 500 with only the response headers that belong to any answer
+        (L{_KEPT_ON_ERROR}): none of what was set for the answer that could
+        not be given (a filter's L{Answer}, or a backend's fields copied
+        before the failure, whose C{Content-Encoding} or C{Set-Cookie}
+        would be wrong on the gateway's JSON error).
+        """
+        if not request.startedWriting:
+            headers = request.responseHeaders
+            fresh = Headers()
+            for name in _KEPT_ON_ERROR:
+                values = headers.getRawHeaders(name)
+                if values:
+                    fresh.setRawHeaders(name, values)
+            request.responseHeaders = fresh
+        self._answer(request, context, Answer.error_(500, "internal gateway error"))
 
     def _response_filters(self, request, context: RequestContext) -> None:
         for on_response in self._hooks().on_response:
@@ -597,7 +615,7 @@ class ProxyResource(Resource):
         _log.failure("unexpected forwarding failure", failure, request_id=context.request_id)
         context.error = "internal error"
         if not request._disconnected:
-            self._answer(request, context, Answer.error_(500, "internal gateway error"))
+            self._answer_500(request, context)
 
     def _finished(self, result, request, context: RequestContext) -> None:
         context.ended = self._clock.seconds()
@@ -613,6 +631,12 @@ class ProxyResource(Resource):
             if isinstance(result, Failure):
                 exchange.client_gone()
         return None
+
+
+#: Response headers a 500 from the gateway keeps of those set before the
+#: failure: its Date, the request's ID, and a C{Connection: close} set by
+#: draining (L{gateway.drain}).
+_KEPT_ON_ERROR = (b"Date", REQUEST_ID_HEADER, b"Connection")
 
 
 class _Hooks:

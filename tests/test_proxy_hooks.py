@@ -207,13 +207,20 @@ def test_gateway_error_after_a_filter_answered_is_a_500(register, when):
     """
     An answer the gateway fails to write (a header name that is no token)
     is the gateway's own error, not the filter's: a 500 (not a hang), and
-    the backend's slot, already given back, is not given back again.
+    the backend's slot, already given back, is not given back again.  The
+    500 carries none of the fields set for the answer it replaces, but
+    keeps the request's ID and Date.
     """
     from twisted.internet.defer import succeed
 
     gw, first, _ = _verdicts_gateway(register)
-    answer = pipeline.Answer(status=203, headers=[(b"Bad Name", b"x")], body=b"mine")
+    answer = pipeline.Answer(
+        status=203, headers=[(b"X-From", b"filter"), (b"Bad Name", b"x")], body=b"mine"
+    )
     first.verdict = answer if when == "now" else succeed(answer)
-    r = gw.request("GET", "/x")
+    r = gw.request("GET", "/x", headers={"X-Request-Id": "err-500"})
     assert r.code == 500
+    assert r.json() == {"error": "internal gateway error", "request_id": "err-500"}
+    assert r.header("X-From") is None
+    assert r.header("X-Request-Id") == "err-500" and r.header("Date")
     assert len(gw.released) == 1
