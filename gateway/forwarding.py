@@ -462,64 +462,98 @@ class ServiceForwarder:
         @return: a Deferred firing with an L{IResponse}, or failing with
             L{UpstreamError}; cancelling it aborts the request.
         """
-        state = {"timed_out": False, "inner": None}
-
-        def on_timeout() -> None:
-            state["timed_out"] = True
-            if state["inner"] is not None:
-                state["inner"].cancel()
-
-        timer = self._reactor.callLater(timeout, on_timeout)
-        result: Deferred = Deferred(lambda d: state["inner"] and state["inner"].cancel())
-
-        def send(_=None) -> None:
-            if state["timed_out"] or result.called:
-                self.limits.release(backend)
-                return
-            if self._lean is not None:
-                producer = body
-            else:
-                producer = BytesProducer(body) if body is not None else None
-            if self._targets is not None:
-                inner = self._send(method, backend, target, headers, producer)
-            else:
-                uri = b"%s://%s%s%s" % (backend.scheme, backend.host_header, backend.base_path, target)
-                inner = self._agent.request(method, uri, headers, producer)
-            state["inner"] = inner
-            inner.addCallbacks(got_response, failed)
-
-        def got_response(response) -> None:
-            if timer.active():
-                timer.cancel()
-            result.callback(response)
-
-        def failed(failure: Failure) -> None:
-            if timer.active():
-                timer.cancel()
-            self.limits.release(backend)
-            if not result.called:
-                result.errback(classify_failure(failure, state["timed_out"]))
-
-        def no_slot(failure: Failure) -> None:
-            # Timed out or cancelled while waiting: no slot was taken.
-            if timer.active():
-                timer.cancel()
-            if not result.called:
-                result.errback(UpstreamError(503, "backend at capacity", "overload"))
-
+        sending = _Sending(self, method, backend, target, headers, body)
+        sending.timer = self._reactor.callLater(timeout, sending.time_out)
         waiter = self.limits.acquire(backend)
         if waiter is None:
-            send()
+            sending.send()
         else:
-            state["inner"] = waiter
-            waiter.addCallbacks(send, no_slot)
-        return result
+            sending.inner = waiter
+            waiter.addCallbacks(sending.send, sending.no_slot)
+        return sending.result
 
     def close(self) -> Deferred:
         """Close the pool's idle connections. @return: fires when closed."""
         if self._lean is not None:
             return self._lean.close()
         return self.pool.closeCachedConnections()
+
+
+class _Sending:
+    """
+    One request of L{ServiceForwarder.request}: its slot, its timeout and
+    the Deferred it answers with (C{result}), as bound methods of one
+    object rather than a closure each per request.
+
+    @ivar inner: what C{result} waits on: the slot's waiter, then the
+        request sent; None before either.
+    @ivar timer: the C{IDelayedCall} of the timeout.
+    @ivar timed_out: whether the timeout fired.
+    """
+
+    __slots__ = (
+        "forwarder", "method", "backend", "target", "headers", "body",
+        "result", "inner", "timer", "timed_out",
+    )
+
+    def __init__(self, forwarder, method, backend, target, headers, body) -> None:
+        self.forwarder = forwarder
+        self.method = method
+        self.backend = backend
+        self.target = target
+        self.headers = headers
+        self.body = body
+        self.inner: Optional[Deferred] = None
+        self.timer = None
+        self.timed_out = False
+        self.result: Deferred = Deferred(self._cancel)
+
+    def _cancel(self, _: Deferred) -> None:
+        if self.inner is not None:
+            self.inner.cancel()
+
+    def time_out(self) -> None:
+        self.timed_out = True
+        if self.inner is not None:
+            self.inner.cancel()
+
+    def send(self, _=None) -> None:
+        forwarder = self.forwarder
+        backend = self.backend
+        if self.timed_out or self.result.called:
+            forwarder.limits.release(backend)
+            return
+        body = self.body
+        if forwarder._targets is not None:
+            if forwarder._lean is None and body is not None:
+                body = BytesProducer(body)
+            inner = forwarder._send(self.method, backend, self.target, self.headers, body)
+        else:
+            uri = b"%s://%s%s%s" % (backend.scheme, backend.host_header, backend.base_path, self.target)
+            inner = forwarder._agent.request(
+                self.method, uri, self.headers, BytesProducer(body) if body is not None else None
+            )
+        self.inner = inner
+        inner.addCallbacks(self.got_response, self.failed)
+
+    def got_response(self, response) -> None:
+        if self.timer.active():
+            self.timer.cancel()
+        self.result.callback(response)
+
+    def failed(self, failure: Failure) -> None:
+        if self.timer.active():
+            self.timer.cancel()
+        self.forwarder.limits.release(self.backend)
+        if not self.result.called:
+            self.result.errback(classify_failure(failure, self.timed_out))
+
+    def no_slot(self, failure: Failure) -> None:
+        # Timed out or cancelled while waiting: no slot was taken.
+        if self.timer.active():
+            self.timer.cancel()
+        if not self.result.called:
+            self.result.errback(UpstreamError(503, "backend at capacity", "overload"))
 
 
 class BodyRelay(Protocol):
