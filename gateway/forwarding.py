@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from typing import Optional
+from typing import Callable, Optional
 
 from twisted.internet import error as ierror
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -35,6 +35,7 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
     URI,
@@ -58,6 +59,8 @@ from zope.interface import implementer
 from gateway.config import Backend, Service
 from gateway.tls import backend_policy
 from gateway.upstream import UpstreamPool
+
+_log = Logger()
 
 #: Send to backends with L{gateway.upstream} (True) or with Twisted's
 #: L{Agent} and L{HTTPConnectionPool} (False), kept for comparison: set
@@ -562,16 +565,19 @@ class BodyRelay(Protocol):
     the client reads slowly, the channel pauses this relay's producer, which
     stops reading from the backend, so memory stays bounded.
 
-    @ivar done: fires with None when the body has ended.
+    @param ended: called with this relay once the body has ended (after
+        C{reason} is set), straight from C{connectionLost} rather than
+        through a L{Deferred} made for each response; what it raises is
+        logged, not passed on to the backend's connection.
     @ivar reason: why it ended: a L{Failure} of L{ResponseDone} (or
         L{PotentialDataLoss} for a body delimited by closing) when it ended
-        cleanly, set before C{done} fires.
+        cleanly, set before C{ended} is called.
     @ivar sent: body bytes written to the client.
     """
 
-    def __init__(self, request) -> None:
+    def __init__(self, request, ended: Callable[["BodyRelay"], object]) -> None:
         self.request = request
-        self.done: Deferred = Deferred()
+        self._ended: Optional[Callable[["BodyRelay"], object]] = ended
         self.reason: Optional[Failure] = None
         self.sent = 0
 
@@ -588,7 +594,14 @@ class BodyRelay(Protocol):
         # else the client went away mid-body (its channel is gone, and with
         # it the producer registration): nothing to unregister.
         self.reason = reason
-        self.done.callback(None)
+        # Let go of the handler first, as a fired Deferred lets go of its
+        # callbacks: it holds the request's state, which holds this relay,
+        # and that cycle would keep the request until a full collection.
+        ended, self._ended = self._ended, None
+        try:
+            ended(self)
+        except Exception:
+            _log.failure("handling the end of a backend response body failed")
 
 
 def ended_cleanly(reason: Failure) -> bool:

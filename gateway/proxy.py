@@ -544,10 +544,7 @@ class ProxyResource(Resource):
         request.setResponseCode(response.code, phrase)
         copy_response_headers(response, request.responseHeaders, request.method)
         self._response_filters(request, context)
-        relay = exchange.relay = BodyRelay(request)
-        response.deliverBody(relay)
-
-        def body_ended(_: None) -> None:
+        def body_ended(relay: BodyRelay) -> None:
             reason = relay.reason
             runtime.forwarder.limits.release(backend)
             context.bytes_out = relay.sent
@@ -565,7 +562,8 @@ class ProxyResource(Resource):
                 )
                 request.channel.transport.abortConnection()
 
-        relay.done.addCallback(body_ended)
+        relay = exchange.relay = BodyRelay(request, body_ended)
+        response.deliverBody(relay)
 
     def _attempt_failed(self, failure: Failure, request, context, exchange: "_Exchange", backend):
         exchange.sent = None

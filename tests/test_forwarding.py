@@ -69,8 +69,8 @@ def test_connection_limit_queues_in_order_and_hands_over_slots():
 def test_body_relay_ends_quietly_when_the_client_has_gone():
     """
     A client that goes away mid-body takes its channel with it; the relay's
-    end (the backend connection aborted in turn) must still fire C{done}
-    rather than raise from C{unregisterProducer} on the missing channel.
+    end (the backend connection aborted in turn) must still call its
+    C{ended} rather than raise from C{unregisterProducer} on the missing channel.
     """
     from twisted.web.test.requesthelper import DummyChannel, DummyRequest
 
@@ -84,16 +84,44 @@ def test_body_relay_ends_quietly_when_the_client_has_gone():
     # twisted.web's own: it unregisters from the channel
     request.unregisterProducer = types.MethodType(Request.unregisterProducer, request)
     request.channel = None  # what Request.connectionLost leaves behind
-    relay = BodyRelay(request)
     ended = []
-    relay.done.addCallback(ended.append)
+    relay = BodyRelay(request, lambda r: ended.append(r.reason))
     relay.connectionLost(Failure(ConnectionDone()))
-    assert ended == [None] and relay.reason.check(ConnectionDone)
+    assert len(ended) == 1 and ended[0].check(ConnectionDone) and relay.reason is ended[0]
 
     request = DummyRequest([b""])
     request.channel = DummyChannel()
     unregistered = []
     request.unregisterProducer = lambda: unregistered.append(True)
-    relay = BodyRelay(request)
+    relay = BodyRelay(request, lambda r: None)
     relay.connectionLost(Failure(ConnectionDone()))
     assert unregistered == [True]
+
+
+def test_body_relay_logs_what_its_end_handler_raises():
+    """
+    C{ended} is called straight from C{connectionLost}, which the backend's
+    connection calls: what it raises is logged, not raised into that
+    connection.
+    """
+    from twisted.logger import globalLogPublisher
+    from twisted.web.test.requesthelper import DummyChannel, DummyRequest
+
+    from gateway.forwarding import BodyRelay
+
+    request = DummyRequest([b""])
+    request.channel = DummyChannel()
+    request.unregisterProducer = lambda: None
+
+    def ended(relay):
+        raise RuntimeError("broken end")
+
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        BodyRelay(request, ended).connectionLost(Failure(ConnectionDone()))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    [event] = [e for e in events if "log_failure" in e]
+    assert event["log_failure"].check(RuntimeError)
+    assert "end of a backend response body" in event["log_format"]
