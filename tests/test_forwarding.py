@@ -128,6 +128,7 @@ def test_body_relay_logs_what_its_end_handler_raises():
     assert "end of a backend response body" in event["log_format"]
 
 
+@pytest.mark.cpython_only  # (reference counting; PyPy's collector finds everything alike)
 @pytest.mark.parametrize("path", ["/x", "/status/503"])
 def test_a_proxied_request_leaves_no_reference_cycle_through_the_forwarder(path):
     """
