@@ -185,7 +185,8 @@ class ProxyResource(Resource):
         context = RequestContext(request_id, request.method, path, client_ip, self._clock.seconds())
         context.query = query
         context.snapshot = snapshot
-        request.notifyFinish().addBoth(self._finished, request, context)
+        # What notifyFinish() does, without a Deferred for every request.
+        request.notifications.append(_FinishNotice(self, request, context))
 
         host_header = (headers.getRawHeaders(b"host") or [b""])[0]
         context.host = host_header
@@ -635,6 +636,36 @@ class ProxyResource(Resource):
 #: failure: its Date, the request's ID, and a C{Connection: close} set by
 #: draining (L{gateway.drain}).
 _KEPT_ON_ERROR = (b"Date", REQUEST_ID_HEADER, b"Connection")
+
+
+class _FinishNotice:
+    """
+    Tells L{ProxyResource._finished} that a request's response has ended
+    or its connection was lost, from C{request.notifications}, where
+    C{notifyFinish} would put a L{Deferred}: Twisted calls C{callback(None)}
+    on each entry when the response is done and C{errback(reason)} when the
+    connection is lost first (C{twisted.web.http.Request}, 25.5 and 26.10).
+    What C{_finished} raises is logged, not raised into Twisted's request.
+    """
+
+    __slots__ = ("_proxy", "_request", "_context")
+
+    def __init__(self, proxy: "ProxyResource", request, context: RequestContext) -> None:
+        self._proxy = proxy
+        self._request = request
+        self._context = context
+
+    def callback(self, result) -> None:
+        self._tell(result)
+
+    def errback(self, reason) -> None:
+        self._tell(reason if isinstance(reason, Failure) else Failure(reason))
+
+    def _tell(self, result) -> None:
+        try:
+            self._proxy._finished(result, self._request, self._context)
+        except Exception:
+            _log.failure("ending a request failed", request_id=self._context.request_id)
 
 
 class _Hooks:

@@ -467,3 +467,62 @@ def test_http2_body_over_the_limit_gets_413_on_its_stream_with_date_id_and_an_ob
     )
     assert context.error == "request body too large" and context.route is None
     assert not transport.disconnecting  # the connection's other streams go on
+
+
+def test_a_client_gone_before_its_answer_is_observed_as_499_and_its_attempt_stopped():
+    """
+    The proxy learns of a request's end from C{request.notifications}
+    (without notifyFinish's Deferred): a client that closes its connection
+    while the backend has not answered is observed with status 499, and the
+    attempt in flight is cancelled (its connection slot given back).
+    """
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+
+    reactor, protocol, transport = connect_routed()
+    gateway = protocol._channel.site.gateway
+    observed = []
+    gateway.request_observers.append(observed.append)
+    protocol.dataReceived(b"GET /slow HTTP/1.1\r\nHost: gw\r\nX-Request-Id: gone-1\r\n\r\n")
+    [runtime] = gateway.snapshot.services.values()
+    [backend] = runtime.service.backends
+    assert runtime.forwarder.limits.active(backend) == 1  # the attempt holds a slot
+    protocol.connectionLost(Failure(ConnectionDone()))
+    [context] = observed
+    assert (context.status, context.request_id) == (499, "gone-1")
+    assert runtime.forwarder.limits.active(backend) == 0
+
+
+def test_an_answered_request_is_observed_once_and_an_error_in_ending_it_is_logged(monkeypatch):
+    """
+    A request answered by the gateway (no route: 404) reaches the observers
+    once, with its status; what ending a request raises is logged, and the
+    connection goes on to its next request.
+    """
+    from twisted.logger import globalLogPublisher
+
+    from gateway.proxy import ProxyResource
+
+    reactor, protocol, transport = connect()
+    observed = []
+    protocol._channel.site.gateway.request_observers.append(observed.append)
+    protocol.dataReceived(b"GET /nowhere HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert [c.status for c in observed] == [404]
+
+    def broken(self, result, request, context):
+        raise RuntimeError("broken end")
+
+    monkeypatch.setattr(ProxyResource, "_finished", broken)
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        transport.clear()
+        protocol.dataReceived(b"GET /nowhere HTTP/1.1\r\nHost: a\r\n\r\n")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert answer(transport)[0] == 404
+    [event] = [e for e in events if "log_failure" in e]
+    assert event["log_failure"].check(RuntimeError) and event["log_format"] == "ending a request failed"
+    transport.clear()
+    protocol.dataReceived(b"GET /nowhere HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert answer(transport)[0] == 404
