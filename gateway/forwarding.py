@@ -469,11 +469,13 @@ class ServiceForwarder:
         sending.timer = self._reactor.callLater(timeout, sending.time_out)
         waiter = self.limits.acquire(backend)
         if waiter is None:
-            sending.send()
-        else:
-            sending.inner = waiter
-            waiter.addCallbacks(sending.send, sending.no_slot)
-        return sending.result
+            # A slot at once (the common case): the request's own Deferred,
+            # its outcome translated on the way, with no second Deferred.
+            return sending.send_now()
+        result = sending.result = Deferred(sending.cancel)
+        sending.inner = waiter
+        waiter.addCallbacks(sending.send, sending.no_slot)
+        return result
 
     def close(self) -> Deferred:
         """Close the pool's idle connections. @return: fires when closed."""
@@ -485,11 +487,17 @@ class ServiceForwarder:
 class _Sending:
     """
     One request of L{ServiceForwarder.request}: its slot, its timeout and
-    the Deferred it answers with (C{result}), as bound methods of one
-    object rather than a closure each per request.
+    its outcome, as bound methods of one object rather than a closure each
+    per request.
 
-    @ivar inner: what C{result} waits on: the slot's waiter, then the
+    With a slot free at once, C{request} returns the Deferred of the
+    request sent (L{send_now}), whose outcome L{passed_response} and
+    L{passed_failure} translate; waiting for a slot, it returns C{result},
+    which L{send} (or L{no_slot}) fires from the request's outcome.
+
+    @ivar inner: what the outcome waits on: the slot's waiter, then the
         request sent; None before either.
+    @ivar result: the Deferred returned while waiting for a slot, else None.
     @ivar timer: the C{IDelayedCall} of the timeout.
     @ivar timed_out: whether the timeout fired.
     """
@@ -507,11 +515,12 @@ class _Sending:
         self.headers = headers
         self.body = body
         self.inner: Optional[Deferred] = None
+        self.result: Optional[Deferred] = None
         self.timer = None
         self.timed_out = False
-        self.result: Deferred = Deferred(self._cancel)
 
-    def _cancel(self, _: Deferred) -> None:
+    def cancel(self, _: Deferred) -> None:
+        """C{result}'s canceller: stop waiting for a slot, or abort the request."""
         if self.inner is not None:
             self.inner.cancel()
 
@@ -520,36 +529,51 @@ class _Sending:
         if self.inner is not None:
             self.inner.cancel()
 
-    def send(self, _=None) -> None:
+    def _start(self) -> Deferred:
+        """Send the request (a slot is held): the Deferred of its response."""
         forwarder = self.forwarder
-        backend = self.backend
-        if self.timed_out or self.result.called:
-            forwarder.limits.release(backend)
-            return
         body = self.body
         if forwarder._targets is not None:
             if forwarder._lean is None and body is not None:
                 body = BytesProducer(body)
-            inner = forwarder._send(self.method, backend, self.target, self.headers, body)
+            inner = forwarder._send(self.method, self.backend, self.target, self.headers, body)
         else:
+            backend = self.backend
             uri = b"%s://%s%s%s" % (backend.scheme, backend.host_header, backend.base_path, self.target)
             inner = forwarder._agent.request(
                 self.method, uri, self.headers, BytesProducer(body) if body is not None else None
             )
         self.inner = inner
-        inner.addCallbacks(self.got_response, self.failed)
+        return inner
 
-    def got_response(self, response) -> None:
+    def send_now(self) -> Deferred:
+        return self._start().addCallbacks(self.passed_response, self.passed_failure)
+
+    def passed_response(self, response):
         if self.timer.active():
             self.timer.cancel()
-        self.result.callback(response)
+        return response
 
-    def failed(self, failure: Failure) -> None:
+    def passed_failure(self, failure: Failure) -> Failure:
         if self.timer.active():
             self.timer.cancel()
         self.forwarder.limits.release(self.backend)
+        return Failure(classify_failure(failure, self.timed_out))
+
+    def send(self, _=None) -> None:
+        """The slot's waiter fired: send, unless C{result} has its outcome."""
+        if self.timed_out or self.result.called:
+            self.forwarder.limits.release(self.backend)
+            return
+        self._start().addCallbacks(self.got_response, self.failed)
+
+    def got_response(self, response) -> None:
+        self.result.callback(self.passed_response(response))
+
+    def failed(self, failure: Failure) -> None:
+        failure = self.passed_failure(failure)
         if not self.result.called:
-            self.result.errback(classify_failure(failure, self.timed_out))
+            self.result.errback(failure)
 
     def no_slot(self, failure: Failure) -> None:
         # Timed out or cancelled while waiting: no slot was taken.

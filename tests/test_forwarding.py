@@ -162,3 +162,120 @@ def test_a_proxied_request_leaves_no_reference_cycle_through_the_forwarder(path)
         gc.garbage.clear()
         gc.enable()
     assert stuck == []
+
+
+class _Agent:
+    """An agent whose responses the test gives: C{sent} holds a Deferred per request."""
+
+    def __init__(self) -> None:
+        self.sent: list = []
+        self.cancelled: list = []
+
+    def request(self, method, uri, headers=None, bodyProducer=None):
+        from twisted.internet.defer import Deferred
+
+        d = Deferred(lambda d: self.cancelled.append(uri))
+        self.sent.append((uri, d))
+        return d
+
+
+def _forwarder(limit=1):
+    from twisted.internet.task import Clock
+
+    from gateway.config import parse_config
+    from gateway.forwarding import ServiceForwarder
+
+    config = parse_config(
+        "services:\n  svc:\n    backends: [{url: 'http://10.0.0.1:9000'}]\n"
+        f"    max_connections_per_backend: {limit}\nroutes: []\n"
+    )
+    service = config.services["svc"]
+    clock, agent = Clock(), _Agent()
+    return clock, agent, ServiceForwarder(clock, service, agent=agent), service.backends[0]
+
+
+def _outcome(d):
+    got = []
+    d.addBoth(got.append)
+    return got
+
+
+def test_forwarder_sends_at_once_with_a_free_slot_and_answers_with_the_response():
+    clock, agent, forwarder, backend = _forwarder()
+    got = _outcome(forwarder.request(b"GET", backend, b"/a", Headers(), None, 5.0))
+    [(uri, d)] = agent.sent
+    assert uri == b"http://10.0.0.1:9000/a"
+    response = object()
+    d.callback(response)
+    assert got == [response]
+    assert forwarder.limits.active(backend) == 1  # the caller gives the slot back
+    clock.advance(10)  # the timeout was stopped
+    assert agent.cancelled == []
+
+
+@pytest.mark.parametrize(
+    "how, status, kind",
+    [("timeout", 504, "timeout"), ("refused", 502, "connect_failure"), ("cancelled", 502, "reset")],
+)
+def test_forwarder_failures_become_upstream_errors_and_free_the_slot(how, status, kind):
+    from twisted.internet.error import ConnectionRefusedError
+
+    from gateway.forwarding import UpstreamError
+
+    clock, agent, forwarder, backend = _forwarder()
+    sent = forwarder.request(b"GET", backend, b"/a", Headers(), None, 5.0)
+    got = _outcome(sent)
+    [(_, d)] = agent.sent
+    if how == "timeout":
+        clock.advance(5)
+        assert agent.cancelled == [b"http://10.0.0.1:9000/a"]
+    elif how == "refused":
+        d.errback(ConnectionRefusedError())
+    else:
+        sent.cancel()
+    [failure] = got
+    assert failure.check(UpstreamError)
+    assert (failure.value.status, failure.value.kind) == (status, kind)
+    assert forwarder.limits.active(backend) == 0
+
+
+def test_forwarder_waits_for_a_slot_then_sends():
+    clock, agent, forwarder, backend = _forwarder(limit=1)
+    first = _outcome(forwarder.request(b"GET", backend, b"/1", Headers(), None, 5.0))
+    second = _outcome(forwarder.request(b"GET", backend, b"/2", Headers(), None, 5.0))
+    assert [uri for uri, _ in agent.sent] == [b"http://10.0.0.1:9000/1"]  # the second waits
+    response = object()
+    agent.sent[0][1].callback(response)
+    assert first == [response] and second == []
+    forwarder.limits.release(backend)  # the first one's body ended: the slot passes on
+    assert [uri for uri, _ in agent.sent][1:] == [b"http://10.0.0.1:9000/2"]
+    agent.sent[1][1].callback(response)
+    assert second == [response]
+    clock.advance(10)
+    assert agent.cancelled == []
+
+
+@pytest.mark.parametrize("how", ["timeout", "cancelled", "fails after the slot"])
+def test_forwarder_waiting_for_a_slot_can_time_out_be_cancelled_or_fail(how):
+    from gateway.forwarding import UpstreamError
+
+    clock, agent, forwarder, backend = _forwarder(limit=1)
+    forwarder.request(b"GET", backend, b"/1", Headers(), None, 60.0)
+    waiting = forwarder.request(b"GET", backend, b"/2", Headers(), None, 5.0)
+    got = _outcome(waiting)
+    if how == "timeout":
+        clock.advance(5)
+        [failure] = got
+        assert (failure.value.status, failure.value.kind) == (503, "overload")
+    elif how == "cancelled":
+        waiting.cancel()
+        [failure] = got
+        assert failure.check(UpstreamError) and failure.value.kind == "overload"
+    else:
+        forwarder.limits.release(backend)  # the slot passes on; then the request fails
+        agent.sent[1][1].errback(ConnectionDone())
+        [failure] = got
+        assert (failure.value.status, failure.value.kind) == (502, "reset")
+    assert forwarder.limits.active(backend) == (1 if how != "fails after the slot" else 0)
+    forwarder.limits.release(backend)
+    assert forwarder.limits.active(backend) == 0  # nothing else was holding one
