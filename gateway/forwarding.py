@@ -463,7 +463,11 @@ class ServiceForwarder:
         @param timeout: seconds to wait for the response headers, including
             the wait for a slot and for the connection.
         @return: a Deferred firing with an L{IResponse}, or failing with
-            L{UpstreamError}; cancelling it aborts the request.
+            L{UpstreamError}; cancelling it aborts the request.  With a
+            slot free at once it is the upstream request's own chain: it
+            may be C{called} before the response has come (paused on a
+            Deferred of the connection), and cancelling it then still
+            aborts the request.
         """
         sending = _Sending(self, method, backend, target, headers, body)
         sending.timer = self._reactor.callLater(timeout, sending.time_out)
@@ -525,9 +529,18 @@ class _Sending:
             self.inner.cancel()
 
     def time_out(self) -> None:
+        # (let go of the timer: a DelayedCall that has run keeps its
+        # function, this bound method, and that cycle would keep the
+        # request's headers and body until a full collection)
+        self.timer = None
         self.timed_out = True
         if self.inner is not None:
             self.inner.cancel()
+
+    def _stop_timer(self) -> None:
+        timer, self.timer = self.timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
 
     def _start(self) -> Deferred:
         """Send the request (a slot is held): the Deferred of its response."""
@@ -550,13 +563,11 @@ class _Sending:
         return self._start().addCallbacks(self.passed_response, self.passed_failure)
 
     def passed_response(self, response):
-        if self.timer.active():
-            self.timer.cancel()
+        self._stop_timer()
         return response
 
     def passed_failure(self, failure: Failure) -> Failure:
-        if self.timer.active():
-            self.timer.cancel()
+        self._stop_timer()
         self.forwarder.limits.release(self.backend)
         return Failure(classify_failure(failure, self.timed_out))
 
@@ -577,8 +588,7 @@ class _Sending:
 
     def no_slot(self, failure: Failure) -> None:
         # Timed out or cancelled while waiting: no slot was taken.
-        if self.timer.active():
-            self.timer.cancel()
+        self._stop_timer()
         if not self.result.called:
             self.result.errback(UpstreamError(503, "backend at capacity", "overload"))
 
@@ -618,6 +628,8 @@ class BodyRelay(Protocol):
         # else the client went away mid-body (its channel is gone, and with
         # it the producer registration): nothing to unregister.
         self.reason = reason
+        if self._ended is None:
+            return  # (ended already)
         # Let go of the handler first, as a fired Deferred lets go of its
         # callbacks: it holds the request's state, which holds this relay,
         # and that cycle would keep the request until a full collection.

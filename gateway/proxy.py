@@ -726,7 +726,11 @@ class _Exchange:
         if self.waiting is not None and self.waiting.active():
             self.waiting.cancel()
             self.waiting = None
-        if self.sent is not None and not self.sent.called:
+        if self.sent is not None:
+            # Even when called: with a slot free at once, C{sent} is the
+            # upstream request's own chain, called once the connection is
+            # made but paused until the response; cancel() then cancels
+            # what it waits on, and does nothing once it has an outcome.
             self.sent.cancel()
         if self.relay is not None and self.relay.transport is not None:
             self.relay.transport.stopProducing()
@@ -879,9 +883,11 @@ class GatewayRequest(server.Request):
             _apply_security_headers(gateway, self.isSecure(), self.responseHeaders)
         self.write(body)
         self.finish()
-        client = getattr(self.getClientAddress(), "host", "") or ""
+        address = self.getClientAddress()
+        client = getattr(address, "host", "") or ""
         _report_refusal(
-            gateway, request_id, client, 413, message, command, path, len(body), self.requestHeaders
+            gateway, request_id, client, 413, message, command, path, len(body), self.requestHeaders,
+            address,
         )
 
 

@@ -526,3 +526,31 @@ def test_an_answered_request_is_observed_once_and_an_error_in_ending_it_is_logge
     transport.clear()
     protocol.dataReceived(b"GET /nowhere HTTP/1.1\r\nHost: a\r\n\r\n")
     assert answer(transport)[0] == 404
+
+
+def test_a_client_gone_once_the_backend_connection_is_made_aborts_it_and_frees_the_slot():
+    """
+    With the backend's connection made and the request sent, the
+    forwarder's Deferred is called (paused on the response): a client that
+    goes away must still stop the attempt, aborting the backend connection
+    and giving its slot back, rather than leave both taken until the
+    backend answers or the timeout fires.
+    """
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+
+    reactor, protocol, transport = connect_routed()
+    gateway = protocol._channel.site.gateway
+    protocol.dataReceived(b"GET /slow HTTP/1.1\r\nHost: gw\r\n\r\n")
+    [runtime] = gateway.snapshot.services.values()
+    [backend] = runtime.service.backends
+    host, port, factory, _, _ = reactor.tcpClients[0]
+    upstream = factory.buildProtocol(IPv4Address("TCP", host, port))
+    backend_transport = StringTransport()
+    upstream.makeConnection(backend_transport)
+    reactor.advance(0)
+    assert backend_transport.value().startswith(b"GET /slow HTTP/1.1\r\n")  # sent
+    assert runtime.forwarder.limits.active(backend) == 1
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert runtime.forwarder.limits.active(backend) == 0
+    assert backend_transport.disconnecting or getattr(backend_transport, "aborting", False)
