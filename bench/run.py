@@ -473,6 +473,19 @@ SCENARIOS = {
 }
 
 
+def add_tail_ratios(rows, connections):
+    """
+    Add C{p99_over_mean} to each measured row: its p99 divided by the mean
+    latency that Little's law gives a closed loop of C{connections}
+    requests in flight (connections / rate).  Every server measured so far
+    had 1.7-3.0 (docs/performance.rst, "What sets the p99"): a row well
+    above that has a tail of its own (pauses), not just its rate's.
+    """
+    for row in rows:
+        if row.get("rps") and row.get("p99_ms") is not None:
+            row["p99_over_mean"] = row["p99_ms"] / (connections * 1000.0 / row["rps"])
+
+
 def add_ratios(rows):
     """
     Add C{gw_ratio} (gateway requests/s divided by the row's) to each
@@ -515,7 +528,7 @@ def fmt(value, spec, missing="-"):
 
 def table(rows, args):
     headers = [
-        "scenario", "peer", "req/s", "MB/s", "p50 ms", "p99 ms",
+        "scenario", "peer", "req/s", "MB/s", "p50 ms", "p99 ms", "p99/mean",
         "errors", "proxy cpu%", "proxy core%", "load core%", "others%", "gw/peer",
     ]
     lines = []
@@ -537,6 +550,7 @@ def table(rows, args):
             fmt(bps and bps / 1e6, ".1f"),
             fmt(row["p50_ms"], ".2f"),
             fmt(row["p99_ms"], ".2f"),
+            fmt(row.get("p99_over_mean"), ".2f"),
             "0" if not err else f"{err}!",
             fmt(row["proxy_cpu_pct"], ".0f"),
             fmt(row["proxy_core_busy_pct"], ".0f"),
@@ -816,6 +830,7 @@ def main(argv=None):
             ]
     rows.sort(key=lambda r: args.scenario_list.index(r["scenario"]))
     baselines = add_ratios(rows)
+    add_tail_ratios(rows, args.connections)
     lines, notes = table(rows, args) if rows else ([], [])
     print()
     print(

@@ -85,8 +85,14 @@ def test_ratios_against_plain_gateway():
     assert rows[1]["gw_ratio"] == pytest.approx(4.0)
     assert rows[2]["gw_ratio"] == pytest.approx(2.0)
     assert "gw_ratio" not in rows[4]
+    run.add_tail_ratios(rows, 64)
+    # p99 2 ms at 100,000 req/s: the mean in flight is 64 / 100,000 s = 0.64 ms
+    assert rows[0]["p99_over_mean"] == pytest.approx(2.0 / 0.64)
+    assert rows[1]["p99_over_mean"] == pytest.approx(2.0 / 12.8)
+    assert "p99_over_mean" not in rows[4]
     lines, notes = run.table(rows, None)
-    assert any("0.20" in line and "nginx" in line for line in lines)
+    assert "p99/mean" in lines[0]
+    assert any("0.20" in line and "3.12" in line and "nginx" in line for line in lines)
     assert notes == ["go: skipped: no go"]
     assert run.summary(rows, base) == [
         "gateway/nginx (small): 0.20 of nginx's requests/s (gateway)"
