@@ -545,6 +545,7 @@ class ProxyResource(Resource):
         request.setResponseCode(response.code, phrase)
         copy_response_headers(response, request.responseHeaders, request.method)
         self._response_filters(request, context)
+
         def body_ended(relay: BodyRelay) -> None:
             reason = relay.reason
             runtime.forwarder.limits.release(backend)
