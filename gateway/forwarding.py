@@ -442,6 +442,18 @@ class ServiceForwarder:
 
         return self.pool.getConnection(key, endpoint).addCallback(connected)
 
+    def _dispatch(self, method: bytes, backend: Backend, target: bytes, headers: Headers, body):
+        """
+        Send one request, its slot held, by the lean client, the pool's
+        agent (L{_send}) or the agent given: the Deferred of its response.
+        """
+        if self._targets is not None:
+            if self._lean is None and body is not None:
+                body = BytesProducer(body)
+            return self._send(method, backend, target, headers, body)
+        uri = b"%s://%s%s%s" % (backend.scheme, backend.host_header, backend.base_path, target)
+        return self._agent.request(method, uri, headers, BytesProducer(body) if body is not None else None)
+
     def request(
         self,
         method: bytes,
@@ -544,19 +556,9 @@ class _Sending:
 
     def _start(self) -> Deferred:
         """Send the request (a slot is held): the Deferred of its response."""
-        forwarder = self.forwarder
-        body = self.body
-        if forwarder._targets is not None:
-            if forwarder._lean is None and body is not None:
-                body = BytesProducer(body)
-            inner = forwarder._send(self.method, self.backend, self.target, self.headers, body)
-        else:
-            backend = self.backend
-            uri = b"%s://%s%s%s" % (backend.scheme, backend.host_header, backend.base_path, self.target)
-            inner = forwarder._agent.request(
-                self.method, uri, self.headers, BytesProducer(body) if body is not None else None
-            )
-        self.inner = inner
+        inner = self.inner = self.forwarder._dispatch(
+            self.method, self.backend, self.target, self.headers, self.body
+        )
         return inner
 
     def send_now(self) -> Deferred:
