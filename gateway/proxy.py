@@ -141,6 +141,14 @@ def apply_upstream_headers(headers, remove, extra) -> None:
             headers.setRawHeaders(name, [value])
 
 
+def error_body(message: str, request_id: Optional[str]) -> bytes:
+    """
+    The JSON body of an error the gateway answers itself, UTF-8:
+    C{{"error": message, "request_id": request_id}}.
+    """
+    return json.dumps({"error": message, "request_id": request_id}).encode("utf-8")
+
+
 class ProxyResource(Resource):
     """
     The leaf resource serving every client request on the main listener.
@@ -286,7 +294,7 @@ class ProxyResource(Resource):
             request.channel.transport.abortConnection()
             return
         if answer.body is None:
-            body = json.dumps({"error": answer.error, "request_id": context.request_id}).encode("utf-8")
+            body = error_body(answer.error, context.request_id)
             request.responseHeaders.setRawHeaders(b"Content-Type", [b"application/json"])
         else:
             body = answer.body
@@ -873,7 +881,7 @@ class GatewayRequest(server.Request):
         message = "request body too large"
         raw_id = choose_request_id(self.requestHeaders)
         request_id = raw_id.decode("ascii")
-        body = json.dumps({"error": message, "request_id": request_id}).encode("utf-8")
+        body = error_body(message, request_id)
         gateway = getattr(self.channel.site, "gateway", None)
         self.setResponseCode(413)
         self.setHeader(b"Content-Type", b"application/json")
@@ -933,7 +941,7 @@ def refuse_connection(
     """
     raw_id = choose_request_id(headers) if headers is not None else new_request_id().encode("ascii")
     request_id = raw_id.decode("ascii")
-    body = json.dumps({"error": message, "request_id": request_id}).encode("utf-8")
+    body = error_body(message, request_id)
     extra = b""
     if gateway is not None:
         # A Date from the gateway's clock, as on its other answers (RFC
