@@ -833,7 +833,7 @@ class GatewayRequest(server.Request):
         self._handleStar()
         error = None if self.code == 200 else "method not allowed"
         client = getattr(self.getClientAddress(), "host", "") or ""
-        _observe_refusal(
+        _observe_unrouted(
             gateway, raw_id.decode("ascii"), client, self.code, error, self.method, b"*", 0,
             self.requestHeaders,
         )
@@ -1002,7 +1002,7 @@ def _report_refusal(
 ) -> None:
     """
     Log a request the gateway refused before routing it (a channel limit),
-    and report it to C{gateway}'s request observers (L{_observe_refusal})
+    and report it to C{gateway}'s request observers (L{_observe_unrouted})
     unless C{gateway} is None.
 
     @param client: the client's IP address, or C{""} (not an IP
@@ -1016,7 +1016,7 @@ def _report_refusal(
         request_id=request_id,
     )
     if gateway is not None:
-        _observe_refusal(gateway, request_id, client, status, message, method, target, sent, headers)
+        _observe_unrouted(gateway, request_id, client, status, message, method, target, sent, headers)
 
 
 class _Refused:
@@ -1029,7 +1029,7 @@ class _Refused:
         self.clientproto = b"HTTP/1.1"
 
 
-def _observe_refusal(gateway, request_id, client, status, message, method, target, sent, headers=None) -> None:
+def _observe_unrouted(gateway, request_id, client, status, message, method, target, sent, headers=None) -> None:
     """
     Report a request answered without a route (refused, or for C{*}) to
     the request observers, as L{ProxyResource._finished} does, after the
