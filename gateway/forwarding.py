@@ -543,7 +543,8 @@ class _Sending:
     def time_out(self) -> None:
         # (let go of the timer: a DelayedCall that has run keeps its
         # function, this bound method, and that cycle would keep the
-        # request's headers and body until a full collection)
+        # request's headers and body until a full collection; the outcome
+        # that cancelling brings lets go of it too, in _stop_timer)
         self.timer = None
         self.timed_out = True
         if self.inner is not None:
