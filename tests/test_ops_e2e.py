@@ -133,11 +133,32 @@ def test_fifty_reloads_under_load_fail_no_request(backends):
     assert "Traceback" not in log
 
 
+def _rewrite_unseen(gw, text: str) -> None:
+    """
+    Give the gateway's config file C{text} in place, padded with a comment
+    to the file's size, with the file's modification time put back: the
+    same inode, size and mtime, which is all the config poll compares
+    before it reads a file.
+    """
+    before = os.stat(gw.config_path)
+    data = text.encode("utf-8")
+    assert len(data) < before.st_size, "the file to replace must be the longer"
+    data += b"#" * (before.st_size - len(data) - 1) + b"\n"
+    with open(gw.config_path, "r+b") as f:
+        f.write(data)
+    os.utime(gw.config_path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(gw.config_path)
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (
+        before.st_ino, before.st_size, before.st_mtime_ns
+    )
+
+
 def test_bad_reload_changes_nothing(backends):
     extra = f"config_poll_interval: {POLL}s"
     gw = Gateway(_two_services(backends, _ROUTES_A, extra))
     try:
         bad = _two_services(backends, _ROUTES_A.replace("service: a, strip_prefix: true}\n  - {name: moving", "service: zz, strip_prefix: true}\n  - {name: moving"), extra)
+        bad += "#" * 200 + "\n"  # (longer than the fixed file below, for _rewrite_unseen)
         gw.write_config(bad)
         wait_for(lambda: "config reload refused" in gw.log(), timeout=5, what="the refusal")
         line = bad.splitlines().index("  - {name: stable, match: {path_prefix: /stable}, service: zz, strip_prefix: true}") + 1
@@ -146,9 +167,17 @@ def test_bad_reload_changes_nothing(backends):
         assert health["config_reloads"] == {"ok": 0, "error": 1}
         assert "no service named 'zz'" in health["config_error"]
         assert get(gw.port, "/stable/x").status == 200  # the old config serves
-        # SIGHUP re-reads at once, and a fixed file is taken
-        gw.write_config(_two_services(backends, _ROUTES_B, "config_poll_interval: 0"))
-        os.kill(gw.pid, signal.SIGHUP)
+        # SIGHUP re-reads at once, and a fixed file is taken.  The poll
+        # (every POLL s) must not take it first, or the SIGHUP would reload
+        # it a second time: with the gateway stopped, the fixed file goes
+        # in place with the refused one's size and times, so that the poll
+        # sees the same file (stat), and only the SIGHUP reads it.
+        os.kill(gw.pid, signal.SIGSTOP)
+        try:
+            _rewrite_unseen(gw, _two_services(backends, _ROUTES_B, "config_poll_interval: 0"))
+            os.kill(gw.pid, signal.SIGHUP)
+        finally:
+            os.kill(gw.pid, signal.SIGCONT)
         wait_for(lambda: get(gw.port, "/extra/x").status == 200, timeout=5, what="the SIGHUP reload")
         health = get(gw.admin_port, "/health").json()
         assert health["config_reloads"] == {"ok": 1, "error": 1}
